@@ -170,8 +170,10 @@ class Driver(ABC):
     def create(cls, storage: Storage, size: int, options: dict[str, Any]) -> None:
         """Write an empty image of ``size`` guest bytes to empty ``storage``.
 
-        ``options`` may hold ``cluster_size``, ``backing`` (a BackingRef),
-        ``backing_size`` and format-specific keys; unknown keys are a UsageError."""
+        ``options`` may hold ``cluster_size``, ``backing`` (a BackingRef to record),
+        ``backing_driver`` (the base, open read-only, to record its identity and size)
+        and format-specific keys; unknown keys are a UsageError. Drivers must accept
+        ``cluster_size``, ``backing`` and ``backing_driver`` (ignore or refuse clearly)."""
         raise UnsupportedFeature(f"vdisk cannot create {cls.name} images")
 
     # -- I/O of this layer ---------------------------------------------------------

@@ -224,3 +224,11 @@ class MemoryStorage(Storage):
 
     def sync(self) -> None:
         pass
+
+
+def open_storage(path: str, *, readonly: bool, create: bool = False) -> Storage:
+    """The storage a path names: a local file today; URLs (s3://...) name other backends."""
+    if "://" in path:
+        scheme = path.split("://", 1)[0]
+        raise VdiskError(f"{path}: unsupported storage scheme {scheme!r}")
+    return FileStorage(path, readonly=readonly, create=create)

@@ -1,0 +1,706 @@
+"""The Python API: open, create and clone images; the :class:`Disk` every front end holds.
+
+This is the generic layer of DESIGN.md. What is common to all formats lives here once:
+bounds checks, the backing chain (fall-through reads, recorded formats, identity checks,
+loop detection), the cluster cache in front of the driver, the image lock, thread safety,
+the periodic commit, snapshots as read-only views.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from vdisk import formats
+from vdisk.cache.cluster import ClusterCache
+from vdisk.errors import (
+    BackingMismatch,
+    ImageNotFound,
+    InvalidArgument,
+    ReadOnlyImage,
+    UsageError,
+    VdiskError,
+)
+from vdisk.formats.base import (
+    BackingRef,
+    CheckReport,
+    Driver,
+    Extent,
+    Kind,
+    SnapshotInfo,
+    merge_extents,
+)
+from vdisk.storage import Storage, open_storage
+
+log = logging.getLogger("vdisk")
+
+DEFAULT_CACHE_MB = 64
+DEFAULT_COMMIT_INTERVAL = 5.0
+MAX_CHAIN_DEPTH = 256
+PROBE_BYTES = 65536
+
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+def parse_size(text: str | int) -> int:
+    """'20G', '512M', '4k', '1T', '1048576' -> bytes (binary units, as qemu-img)."""
+    if isinstance(text, int):
+        if text < 0:
+            raise UsageError(f"invalid size {text}: must not be negative")
+        return text
+    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = 1
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60}
+    if s and s[-1] in units:
+        mult = units[s[-1]]
+        s = s[:-1]
+    try:
+        value = float(s) if "." in s else int(s)
+    except ValueError:
+        raise UsageError(f"invalid size {text!r} (expected e.g. 20G, 512M, 4096)") from None
+    n = int(value * mult)
+    if n < 0 or value != value:
+        raise UsageError(f"invalid size {text!r}: must not be negative")
+    return n
+
+
+def format_size(n: int) -> str:
+    for unit, div in (
+        ("EiB", 1 << 60),
+        ("PiB", 1 << 50),
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ):
+        if n >= div:
+            v = n / div
+            return f"{v:.3g} {unit}" if v != int(v) else f"{int(v)} {unit}"
+    return f"{n} B"
+
+
+# -- opening layers and chains ---------------------------------------------------------
+
+
+def _probe_format(storage: Storage) -> type[Driver]:
+    head = storage.pread(0, PROBE_BYTES)
+    return formats.probe(head, storage.size(), storage.path)
+
+
+def _open_driver(
+    path: str,
+    *,
+    format: str | None,
+    readonly: bool,
+    force_share: bool,
+    options: dict[str, Any] | None,
+    storage: Storage | None = None,
+) -> Driver:
+    st = storage or open_storage(path, readonly=readonly)
+    try:
+        if not (readonly and force_share):
+            st.lock(exclusive=not readonly)
+        cls = formats.get(format) if format else _probe_format(st)
+        return cls.open(st, readonly=readonly, options=dict(options or {}))
+    except BaseException:
+        st.close()
+        raise
+
+
+class Layer:
+    """One driver and the chain below it: reads fall through HOLE extents to the backing.
+
+    Backing layers are read-only and may be shared by several disks (snapshot views), so
+    every layer has its own small lock."""
+
+    def __init__(self, driver: Driver, backing: Layer | None) -> None:
+        self.driver = driver
+        self.backing = backing
+        self.lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return self.driver.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        with self.lock:
+            if self.backing is None:
+                return self.driver.read(offset, length)
+            out = bytearray()
+            for e in self.driver.block_status(offset, length):
+                if e.kind == Kind.DATA:
+                    out += self.driver.read(e.offset, e.length)
+                elif e.kind == Kind.ZERO:
+                    out += bytes(e.length)
+                else:
+                    out += self._read_backing(e.offset, e.length)
+            return bytes(out)
+
+    def _read_backing(self, offset: int, length: int) -> bytes:
+        assert self.backing is not None
+        bsize = self.backing.size
+        if offset >= bsize:
+            return bytes(length)
+        n = min(length, bsize - offset)
+        data = self.backing.read(offset, n)
+        return data + bytes(length - n) if n < length else data
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        """Extents of the whole chain: DATA, ZERO, or HOLE (unallocated anywhere: zeros)."""
+        with self.lock:
+            own = self.driver.block_status(offset, length)
+        if self.backing is None:
+            return own
+        out: list[Extent] = []
+        for e in own:
+            if e.kind != Kind.HOLE:
+                out.append(e)
+                continue
+            bsize = self.backing.size
+            if e.offset < bsize:
+                n = min(e.length, bsize - e.offset)
+                out.extend(self.backing.block_status(e.offset, n))
+                if n < e.length:
+                    out.append(Extent(Kind.HOLE, e.offset + n, e.length - n))
+            else:
+                out.append(e)
+        return merge_extents(out)
+
+    def depth_of(self, offset: int, length: int) -> int:
+        """For `map`: how deep in the chain the first byte of the range is stored."""
+        depth, layer = 0, self
+        while layer is not None:
+            kind = layer.driver.block_status(offset, length)[0].kind
+            if kind != Kind.HOLE:
+                return depth
+            layer, depth = layer.backing, depth + 1
+        return depth
+
+    def chain(self) -> Iterator[Layer]:
+        layer: Layer | None = self
+        while layer is not None:
+            yield layer
+            layer = layer.backing
+
+    def close(self) -> None:
+        for layer in self.chain():
+            layer.driver.close()
+
+
+def _backing_path(driver: Driver) -> str:
+    assert driver.backing is not None
+    return driver.storage.resolve(driver.backing.path)
+
+
+def _open_chain(
+    driver: Driver,
+    *,
+    force_share: bool,
+    seen: set[str] | None = None,
+    depth: int = 0,
+) -> Layer:
+    """Open the backing chain below ``driver`` (read-only, formats as recorded)."""
+    seen = set(seen or ())
+    seen.add(os.path.realpath(driver.storage.path))
+    if driver.backing is None:
+        return Layer(driver, None)
+    if depth >= MAX_CHAIN_DEPTH:
+        raise BackingMismatch(
+            f"{driver.storage.path}: backing chain deeper than {MAX_CHAIN_DEPTH} images"
+        )
+    path = _backing_path(driver)
+    if os.path.realpath(path) in seen:
+        raise BackingMismatch(f"{driver.storage.path}: backing chain loops back to {path}")
+    fmt = driver.backing.format
+    if fmt is None:
+        log.warning(
+            "%s: backing file %s has no recorded format; probing it", driver.storage.path, path
+        )
+    try:
+        base = _open_driver(path, format=fmt, readonly=True, force_share=True, options=None)
+    except ImageNotFound:
+        raise BackingMismatch(
+            f"{driver.storage.path}: backing file {path} does not exist"
+        ) from None
+    try:
+        driver.verify_backing(base)
+        below = _open_chain(base, force_share=force_share, seen=seen, depth=depth + 1)
+    except BaseException:
+        base.close()
+        raise
+    return Layer(driver, below)
+
+
+# -- the Disk ------------------------------------------------------------------------
+
+
+class Snapshots:
+    """``disk.snapshots``: internal snapshots of the image (formats that have them)."""
+
+    def __init__(self, disk: Disk) -> None:
+        self._disk = disk
+
+    def list(self) -> list[SnapshotInfo]:
+        with self._disk._lock:
+            return self._disk._driver.list_snapshots()
+
+    def create(self, name: str) -> SnapshotInfo:
+        d = self._disk
+        with d._lock:
+            d._check_writable()
+            d._cache.write_back()
+            return d._driver.create_snapshot(name)
+
+    def revert(self, name: str) -> None:
+        d = self._disk
+        with d._lock:
+            d._check_writable()
+            d._cache.write_back()
+            d._driver.revert_snapshot(name)
+            d._cache.resize(d._driver.size)
+
+    def delete(self, name: str) -> None:
+        d = self._disk
+        with d._lock:
+            d._check_writable()
+            d._cache.write_back()
+            d._driver.delete_snapshot(name)
+
+    def open(self, name: str) -> Disk:
+        """A read-only Disk of the snapshot's content (it shares this disk's backing chain)."""
+        d = self._disk
+        with d._lock:
+            view = d._driver.open_snapshot(name)
+        return Disk(
+            Layer(view, d._layer.backing),
+            cache_bytes=d._cache.capacity // 4,
+            owns_backing=False,
+            name=f"{d.path}@{name}",
+        )
+
+
+class Disk:
+    """An open image: the object every front end holds. Thread-safe, blocking calls.
+
+    Reads and writes from several threads give what some serial order would: one lock
+    orders every call; the codec work inside a flush runs on the driver's worker threads.
+    """
+
+    def __init__(
+        self,
+        layer: Layer,
+        *,
+        cache_bytes: int = DEFAULT_CACHE_MB << 20,
+        commit_interval: float | None = DEFAULT_COMMIT_INTERVAL,
+        owns_backing: bool = True,
+        name: str | None = None,
+    ) -> None:
+        self._layer = layer
+        self._driver = layer.driver
+        self._owns_backing = owns_backing
+        self._lock = threading.RLock()
+        self._closed = False
+        self.path = name or layer.driver.storage.path
+        self.readonly = layer.driver.readonly
+        self.commit_interval = commit_interval
+        self._last_commit = time.monotonic()
+        self._cache = ClusterCache(
+            layer.driver,
+            layer.read,
+            layer.driver.size,
+            max(512, layer.driver.cluster_size),
+            cache_bytes,
+            copy_up=layer.backing is not None,
+        )
+        self.snapshots = Snapshots(self)
+
+    # -- properties ----------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._driver.size
+
+    @property
+    def format(self) -> str:
+        return self._driver.name
+
+    @property
+    def cluster_size(self) -> int:
+        return self._driver.cluster_size
+
+    @property
+    def driver(self) -> Driver:
+        return self._driver
+
+    @property
+    def backing(self) -> Disk | None:
+        """The backing chain below as read-only information (None without one)."""
+        return None if self._layer.backing is None else _ChainView(self._layer.backing)  # type: ignore[return-value]
+
+    # -- checks --------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise VdiskError(f"{self.path}: disk is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self.readonly:
+            raise ReadOnlyImage(f"{self.path}: opened read-only")
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0:
+            raise InvalidArgument(f"{self.path}: negative offset or length ({offset}, {length})")
+        if offset + length > self.size:
+            raise InvalidArgument(
+                f"{self.path}: range {offset}+{length} ends past the end of the disk ({self.size} bytes)"
+            )
+
+    # -- I/O -----------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        with self._lock:
+            self._check_open()
+            self._check_range(offset, length)
+            if length == 0:
+                return b""
+            return self._cache.read(offset, length)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        with self._lock:
+            self._check_writable()
+            self._check_range(offset, len(data))
+            if len(data):
+                self._cache.write(offset, data)
+            self._maybe_commit()
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = True) -> None:
+        with self._lock:
+            self._check_writable()
+            self._check_range(offset, length)
+            if length:
+                self._cache.zero(
+                    offset, length, lambda o, n: self._driver.write_zeroes(o, n, unmap=unmap)
+                )
+            self._maybe_commit()
+
+    def discard(self, offset: int, length: int) -> None:
+        """Free the range; afterwards it reads as zeros (partial clusters are zeroed)."""
+        with self._lock:
+            self._check_writable()
+            self._check_range(offset, length)
+            if length:
+                below = (
+                    self._driver.discard
+                    if self._layer.backing is None
+                    else (lambda o, n: self._driver.write_zeroes(o, n, unmap=True))
+                )
+                self._cache.zero(offset, length, below)
+            self._maybe_commit()
+
+    def block_status(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+        """Extents of the guest range through the whole chain: DATA, ZERO or HOLE."""
+        with self._lock:
+            self._check_open()
+            if length is None:
+                length = self.size - offset
+            self._check_range(offset, length)
+            if length == 0:
+                return []
+            self._cache.write_back(offset, length)
+            return self._layer.block_status(offset, length)
+
+    def flush(self) -> None:
+        """Commit: everything written before this call survives any crash after it."""
+        with self._lock:
+            self._check_open()
+            if self.readonly:
+                return
+            self._cache.write_back()
+            self._driver.flush()
+            self._last_commit = time.monotonic()
+
+    def _maybe_commit(self) -> None:
+        if (
+            self.commit_interval is not None
+            and time.monotonic() - self._last_commit >= self.commit_interval
+        ):
+            self.flush()
+
+    def flush_if_due(self) -> None:
+        """For front ends' timers: commit if the periodic interval has passed."""
+        with self._lock:
+            if not self._closed and not self.readonly:
+                self._maybe_commit()
+
+    def resize(self, new_size: int) -> None:
+        with self._lock:
+            self._check_writable()
+            if new_size < 0:
+                raise InvalidArgument(f"{self.path}: negative size {new_size}")
+            self._cache.write_back()
+            self._driver.truncate(new_size)
+            self._cache.resize(self._driver.size)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if not self.readonly:
+                    self._cache.write_back()
+                    self._driver.flush()
+            finally:
+                self._closed = True
+                self._driver.close()
+                if self._owns_backing and self._layer.backing is not None:
+                    self._layer.backing.close()
+
+    def __enter__(self) -> Disk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- information ---------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"cache": self._cache.stats(), "format": self._driver.stats()}
+
+    def info(self) -> dict[str, Any]:
+        with self._lock:
+            st = self._driver.storage
+            out: dict[str, Any] = {
+                "filename": self.path,
+                "format": self.format,
+                "virtual-size": self.size,
+                "cluster-size": self.cluster_size,
+                "read-only": self.readonly,
+            }
+            try:
+                out["actual-size"] = st.allocated_bytes()  # type: ignore[attr-defined]
+            except AttributeError:
+                out["actual-size"] = st.size()
+            out["format-specific"] = self._driver.info()
+            snaps = self._driver.list_snapshots()
+            out["snapshots"] = [
+                {
+                    "id": s.id,
+                    "name": s.name,
+                    "date": s.created,
+                    "virtual-size": s.size,
+                    "vm-state-size": s.vm_state_size,
+                }
+                for s in snaps
+            ]
+            chain = []
+            for layer in list(self._layer.chain())[1:]:
+                chain.append(
+                    {
+                        "filename": layer.driver.storage.path,
+                        "format": layer.driver.name,
+                        "virtual-size": layer.size,
+                    }
+                )
+            if self._driver.backing is not None:
+                out["backing-filename"] = self._driver.backing.path
+                out["backing-filename-format"] = self._driver.backing.format
+            out["backing-chain"] = chain
+            return out
+
+    def map(self, offset: int = 0, length: int | None = None) -> list[dict[str, Any]]:
+        """The guest range as runs with their depth in the chain, for `vdisk map`."""
+        out = []
+        for e in self.block_status(offset, length):
+            depth = self._layer.depth_of(e.offset, e.length) if e.kind != Kind.HOLE else None
+            out.append(
+                {
+                    "start": e.offset,
+                    "length": e.length,
+                    "data": e.kind == Kind.DATA,
+                    "zero": e.kind != Kind.DATA,
+                    "depth": depth,
+                }
+            )
+        return out
+
+    def check(self, *, repair: bool = False) -> CheckReport:
+        with self._lock:
+            self._cache.write_back()
+            return self._driver.check(repair=repair)
+
+    def as_file(self) -> DiskFile:
+        """A seekable binary file object over the guest disk."""
+        return DiskFile(self)
+
+
+class _ChainView:
+    """Read-only facts of a backing layer, for callers that want to walk the chain."""
+
+    def __init__(self, layer: Layer) -> None:
+        self._layer = layer
+        self.path = layer.driver.storage.path
+        self.format = layer.driver.name
+        self.size = layer.size
+
+    @property
+    def backing(self) -> _ChainView | None:
+        return None if self._layer.backing is None else _ChainView(self._layer.backing)
+
+
+class DiskFile(io.RawIOBase):
+    """A file object over a Disk: for libraries that take files (tarfile, shutil, ...)."""
+
+    def __init__(self, disk: Disk) -> None:
+        self.disk = disk
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return not self.disk.readonly
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.disk.size}[whence]
+        if base + offset < 0:
+            raise OSError(22, "negative seek position")
+        self.pos = base + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buf: Any) -> int:
+        n = max(0, min(len(buf), self.disk.size - self.pos))
+        if n == 0:
+            return 0
+        data = self.disk.read(self.pos, n)
+        memoryview(buf).cast("B")[:n] = data
+        self.pos += n
+        return n
+
+    def write(self, data: Any) -> int:
+        mv = memoryview(data).cast("B")
+        if self.pos + len(mv) > self.disk.size:
+            raise OSError(28, f"write past the end of the disk ({self.disk.size} bytes)")
+        self.disk.write(self.pos, mv)
+        self.pos += len(mv)
+        return len(mv)
+
+    def flush(self) -> None:
+        if not self.closed and not self.disk.readonly:
+            self.disk.flush()
+
+
+# -- module-level API ----------------------------------------------------------------
+
+
+def open(
+    path: str,
+    *,
+    format: str | None = None,
+    readonly: bool = False,
+    force_share: bool = False,
+    cache_mb: float = DEFAULT_CACHE_MB,
+    commit_interval: float | None = DEFAULT_COMMIT_INTERVAL,
+    options: dict[str, Any] | None = None,
+) -> Disk:
+    """Open an image and its backing chain. ``format`` overrides probing; a writable open
+    takes an exclusive lock (ImageLocked if another process has the image open), a
+    read-only one a shared lock unless ``force_share``."""
+    if force_share and not readonly:
+        raise UsageError("force_share needs a read-only open")
+    if cache_mb < 0:
+        raise UsageError(f"cache size must not be negative (got {cache_mb})")
+    driver = _open_driver(
+        path, format=format, readonly=readonly, force_share=force_share, options=options
+    )
+    try:
+        layer = _open_chain(driver, force_share=force_share)
+    except BaseException:
+        driver.close()
+        raise
+    return Disk(layer, cache_bytes=int(cache_mb * (1 << 20)), commit_interval=commit_interval)
+
+
+def create(
+    path: str,
+    size: int | str,
+    *,
+    format: str = "vdisk",
+    cluster_size: int | str | None = None,
+    backing: str | None = None,
+    backing_format: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> None:
+    """Create an image. With ``backing``, the new image is an overlay of it; the backing
+    format is recorded (probed once now if not given) and the size defaults to its size."""
+    cls = formats.get(format)
+    if not cls.can_create:
+        raise UsageError(f"vdisk cannot create {cls.name} images")
+    opts: dict[str, Any] = dict(options or {})
+    if cluster_size is not None:
+        opts["cluster_size"] = parse_size(cluster_size)
+    if backing is not None:
+        bpath = (
+            backing
+            if os.path.isabs(backing)
+            else os.path.join(os.path.dirname(os.path.abspath(path)), backing)
+        )
+        if not os.path.exists(bpath) and os.path.exists(backing):
+            bpath = os.path.abspath(backing)
+        base = _open_driver(
+            bpath, format=backing_format, readonly=True, force_share=True, options=None
+        )
+        try:
+            stored = os.path.relpath(os.path.abspath(bpath), os.path.dirname(os.path.abspath(path)))
+            opts["backing"] = BackingRef(stored, base.name)
+            opts["backing_driver"] = base
+            if size is None or size == "":
+                size = base.size
+            size = parse_size(size)
+            _create_file(cls, path, size, opts)
+        finally:
+            base.close()
+        return
+    if size is None:
+        raise UsageError("a size is needed (or a backing image to take it from)")
+    _create_file(cls, path, parse_size(size), opts)
+
+
+def _create_file(cls: type[Driver], path: str, size: int, opts: dict[str, Any]) -> None:
+    st = open_storage(path, readonly=False, create=True)
+    ok = False
+    try:
+        cls.create(st, size, opts)
+        st.sync()
+        ok = True
+    finally:
+        st.close()
+        if not ok:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def clone(
+    base: str,
+    new: str,
+    *,
+    format: str = "vdisk",
+    base_format: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> None:
+    """A linked clone: ``new`` reads through to ``base`` and copies up on write."""
+    create(new, None, format=format, backing=base, backing_format=base_format, options=options)  # type: ignore[arg-type]

@@ -1,0 +1,287 @@
+"""The cluster cache: decompressed clusters in a bounded LRU, write-back, read-ahead.
+
+Guest I/O is small and random, clusters are large and compressed. Between the API and a
+format driver this cache keeps whole decompressed clusters, so a 4 KiB read of a cached
+cluster costs a slice and a 4 KiB write costs a copy; a dirty cluster is compressed and
+checksummed once, when it is written back (on flush, on eviction, at the periodic commit).
+
+It also does what every format needs once: copy-up. A partial write into a cluster is
+turned into a whole-cluster write whose other bytes come from the layer below (this image
+and its backing chain), so a driver of an image with a backing file only sees whole
+clusters.
+
+Not thread-safe by itself: :class:`vdisk.api.Disk` holds a lock around every call.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from vdisk.formats.base import Driver
+
+#: Read-ahead starts at this many bytes once reads look sequential and doubles up to the max.
+READAHEAD_MIN = 256 * 1024
+READAHEAD_MAX = 4 * 1024 * 1024
+
+
+class ClusterCache:
+    """Whole clusters of one disk, keyed by cluster index.
+
+    ``load(offset, length)`` reads guest bytes from below (the layer with its backing
+    chain); ``driver`` is where dirty clusters are written back. ``capacity`` is in bytes;
+    0 disables caching (writes go straight through, with copy-up where needed)."""
+
+    def __init__(
+        self,
+        driver: Driver,
+        load: Callable[[int, int], bytes],
+        size: int,
+        cluster_size: int,
+        capacity: int,
+        *,
+        copy_up: bool,
+    ) -> None:
+        self.driver = driver
+        self.load = load
+        self.size = size
+        self.cs = cluster_size
+        self.capacity = capacity
+        self.copy_up = copy_up
+        self.entries: OrderedDict[int, bytearray] = OrderedDict()
+        self.dirty: set[int] = set()
+        self.used = 0
+        self._next_seq = -1  # guest offset where a sequential reader would read next
+        self._readahead = 0
+        self.counters = {
+            "hits": 0,
+            "misses": 0,
+            "evictions": 0,
+            "writebacks": 0,
+            "readahead_clusters": 0,
+            "bytes_loaded": 0,
+            "bytes_written_back": 0,
+        }
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _clen(self, idx: int) -> int:
+        """Length of cluster ``idx`` (the last one may be short)."""
+        return min(self.cs, self.size - idx * self.cs)
+
+    def _insert(self, idx: int, data: bytearray, dirty: bool) -> None:
+        old = self.entries.pop(idx, None)
+        if old is not None:
+            self.used -= len(old)
+        self.entries[idx] = data
+        self.used += len(data)
+        if dirty:
+            self.dirty.add(idx)
+
+    def _evict(self) -> None:
+        """Shrink to 7/8 of capacity, writing dirty victims back in one batch."""
+        if self.used <= self.capacity:
+            return
+        target = self.capacity - self.capacity // 8
+        victims: list[tuple[int, bytes]] = []
+        while self.used > target and self.entries:
+            idx, data = self.entries.popitem(last=False)
+            self.used -= len(data)
+            self.counters["evictions"] += 1
+            if idx in self.dirty:
+                self.dirty.discard(idx)
+                victims.append((idx * self.cs, bytes(data)))
+        if victims:
+            self._write_back(victims)
+
+    def _write_back(self, writes: list[tuple[int, bytes]]) -> None:
+        writes.sort()
+        self.driver.write_many(writes)
+        self.counters["writebacks"] += len(writes)
+        self.counters["bytes_written_back"] += sum(len(d) for _, d in writes)
+
+    def _fetch(self, first: int, count: int) -> list[bytearray]:
+        """Load clusters [first, first+count) from below in one call."""
+        start = first * self.cs
+        end = min((first + count) * self.cs, self.size)
+        data = self.load(start, end - start)
+        self.counters["bytes_loaded"] += len(data)
+        mv = memoryview(data)
+        return [bytearray(mv[i : i + self.cs]) for i in range(0, len(data), self.cs)]
+
+    # -- the operations --------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self.capacity == 0:
+            return self.load(offset, length)
+        cs = self.cs
+        first = offset // cs
+        last = (offset + length - 1) // cs
+        sequential = offset == self._next_seq
+        self._next_seq = offset + length
+        if sequential:
+            self._readahead = min(max(self._readahead * 2, READAHEAD_MIN), READAHEAD_MAX)
+        else:
+            self._readahead = 0
+        out = bytearray()
+        idx = first
+        while idx <= last:
+            cl = self.entries.get(idx)
+            if cl is not None:
+                self.entries.move_to_end(idx)
+                self.counters["hits"] += 1
+                lo = offset - idx * cs if idx == first else 0
+                hi = offset + length - idx * cs if idx == last else len(cl)
+                out += memoryview(cl)[lo:hi]
+                idx += 1
+                continue
+            # a run of misses: fetch it (plus read-ahead past the end of the request) at once
+            run_end = idx
+            while run_end <= last and run_end not in self.entries:
+                run_end += 1
+            extra = 0
+            if sequential and run_end > last:
+                total = (self.size + cs - 1) // cs
+                want = max(1, self._readahead // cs)
+                while (
+                    extra < want and run_end + extra < total and run_end + extra not in self.entries
+                ):
+                    extra += 1
+            n = run_end - idx
+            self.counters["misses"] += n
+            self.counters["readahead_clusters"] += extra
+            clusters = self._fetch(idx, n + extra)
+            fits = (n + extra) * cs <= self.capacity // 2
+            for k, cl in enumerate(clusters):
+                j = idx + k
+                if j <= last:
+                    lo = offset - j * cs if j == first else 0
+                    hi = offset + length - j * cs if j == last else len(cl)
+                    out += memoryview(cl)[lo:hi]
+                if fits:
+                    self._insert(j, cl, False)
+            idx = run_end
+        self._evict()
+        return bytes(out)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        cs = self.cs
+        mv = memoryview(data)
+        if self.capacity == 0:
+            self._write_through(offset, mv)
+            return
+        pos = 0
+        while pos < len(mv):
+            off = offset + pos
+            idx, within = divmod(off, cs)
+            clen = self._clen(idx)
+            n = min(clen - within, len(mv) - pos)
+            piece = mv[pos : pos + n]
+            if n == clen:
+                self._insert(idx, bytearray(piece), True)
+            else:
+                cl = self.entries.get(idx)
+                if cl is None:
+                    self.counters["misses"] += 1
+                    cl = self._fetch(idx, 1)[0]
+                    self._insert(idx, cl, True)
+                else:
+                    self.counters["hits"] += 1
+                    self.entries.move_to_end(idx)
+                    self.dirty.add(idx)
+                cl[within : within + n] = piece
+            pos += n
+        self._evict()
+
+    def _write_through(self, offset: int, mv: memoryview) -> None:
+        """No cache: whole clusters go down as they are, partial ones copy up if needed."""
+        if not self.copy_up:
+            self.driver.write(offset, bytes(mv))
+            self.counters["bytes_written_back"] += len(mv)
+            return
+        cs = self.cs
+        writes: list[tuple[int, bytes]] = []
+        pos = 0
+        while pos < len(mv):
+            off = offset + pos
+            idx, within = divmod(off, cs)
+            clen = self._clen(idx)
+            n = min(clen - within, len(mv) - pos)
+            if n == clen:
+                writes.append((off, bytes(mv[pos : pos + n])))
+            else:
+                cl = self._fetch(idx, 1)[0]
+                cl[within : within + n] = mv[pos : pos + n]
+                writes.append((idx * cs, bytes(cl)))
+            pos += n
+        self._write_back(writes)
+
+    def _split(self, offset: int, length: int) -> tuple[int, int]:
+        """The whole clusters inside [offset, offset+length), as a cluster index range."""
+        cs = self.cs
+        first = -(-offset // cs)
+        end = offset + length
+        last = end // cs if end < self.size else -(-end // cs)
+        return first, max(first, last)
+
+    def zero(self, offset: int, length: int, below: Callable[[int, int], None]) -> None:
+        """Zero a range: partial clusters at the edges through the cache, whole clusters
+        dropped here and handed to ``below`` (the driver's write_zeroes or discard)."""
+        first, last = self._split(offset, length)
+        cs = self.cs
+        if first >= last:
+            self.write(offset, bytes(length))
+            return
+        head = first * cs - offset
+        if head > 0:
+            self.write(offset, bytes(head))
+        for idx in range(first, last):
+            cl = self.entries.pop(idx, None)
+            if cl is not None:
+                self.used -= len(cl)
+            self.dirty.discard(idx)
+        mid_end = min(last * cs, self.size)
+        below(first * cs, mid_end - first * cs)
+        tail = offset + length - mid_end
+        if tail > 0:
+            self.write(mid_end, bytes(tail))
+
+    def write_back(self, offset: int = 0, length: int | None = None) -> None:
+        """Write dirty clusters (all, or those meeting a range) to the driver; no commit."""
+        if not self.dirty:
+            return
+        if length is None:
+            idxs = list(self.dirty)
+        else:
+            lo, hi = offset // self.cs, (offset + length - 1) // self.cs
+            idxs = [i for i in self.dirty if lo <= i <= hi]
+        if not idxs:
+            return
+        writes = [(i * self.cs, bytes(self.entries[i])) for i in idxs]
+        self.dirty.difference_update(idxs)
+        self._write_back(writes)
+
+    def invalidate(self) -> None:
+        """Forget every clean cluster (after a revert or a resize changed what is below)."""
+        assert not self.dirty, "write back before invalidating"
+        self.entries.clear()
+        self.used = 0
+
+    def resize(self, size: int) -> None:
+        self.write_back()
+        self.invalidate()
+        self.size = size
+
+    def stats(self) -> dict[str, Any]:
+        c = dict(self.counters)
+        c.update(
+            capacity_bytes=self.capacity,
+            cached_bytes=self.used,
+            cached_clusters=len(self.entries),
+            dirty_clusters=len(self.dirty),
+            cluster_size=self.cs,
+        )
+        lookups = c["hits"] + c["misses"]
+        c["hit_ratio"] = round(c["hits"] / lookups, 4) if lookups else 0.0
+        return c
