@@ -1,0 +1,5 @@
+"""`python -m vdisk` is the `vdisk` command."""
+
+from vdisk.cli import main
+
+main()
