@@ -1,0 +1,56 @@
+"""Shared fixtures: real tools, known patterns, and clean-up that runs even on failure."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+VDISK = [sys.executable, "-m", "vdisk"]
+
+
+def run(cmd: list[str], *, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    """Run a command, capturing text output; on failure the output is in the assertion."""
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} exited {p.returncode}\nstdout: {p.stdout}\nstderr: {p.stderr}")
+    return p
+
+
+def vdisk_cli(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    return run([*VDISK, *args], check=check, timeout=timeout)
+
+
+def pattern(offset: int, length: int, seed: int = 0) -> bytes:
+    """Deterministic, position-dependent, compressible-ish bytes: every 8-byte word holds
+    its own guest offset, so misplaced data is visible."""
+    import struct
+
+    start = offset - offset % 8
+    words = (offset + length - start + 7) // 8
+    raw = b"".join(struct.pack("<Q", (start + 8 * i) ^ (seed * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF)) for i in range(words))
+    return raw[offset - start : offset - start + length]
+
+
+def need(tool: str) -> None:
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} is not installed (make setup installs it)")
+
+
+@pytest.fixture
+def qemu_img():
+    need("qemu-img")
+    return lambda *a, check=True: run(["qemu-img", *a], check=check)
+
+
+@pytest.fixture
+def qemu_io():
+    need("qemu-io")
+    return lambda *a, check=True: run(["qemu-io", *a], check=check)
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
