@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -124,7 +125,7 @@ def test_overlay_copy_up(tmp_path, fmt):
             data = pattern(off, 300000, seed=7)
             d.write(off, data)
             base_data[off : off + 300000] = data
-    before = open(base, "rb").read()
+    before = Path(base).read_bytes()
     top = str(tmp_path / f"top.{fmt}")
     try:
         vdisk.create(top, None, format=fmt, backing=base)
@@ -149,7 +150,7 @@ def test_overlay_copy_up(tmp_path, fmt):
         _assert_same(d, model)
         info = d.info()
         assert info["backing-chain"][0]["format"] == fmt
-    assert open(base, "rb").read() == before, "writing to an overlay changed its base"
+    assert Path(base).read_bytes() == before, "writing to an overlay changed its base"
 
 
 def test_threads(tmp_path, fmt):
@@ -186,6 +187,9 @@ def test_lock(tmp_path, fmt):
             vdisk.open(path, readonly=True)
         with vdisk.open(path, readonly=True, force_share=True) as r:
             assert r.size == SIZE
-    with vdisk.open(path, readonly=True), vdisk.open(path, readonly=True):
-        with pytest.raises(vdisk.ImageLocked):
-            vdisk.open(path)
+    with (
+        vdisk.open(path, readonly=True),
+        vdisk.open(path, readonly=True),
+        pytest.raises(vdisk.ImageLocked),
+    ):
+        vdisk.open(path)

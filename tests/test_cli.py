@@ -1,0 +1,81 @@
+"""The `vdisk` command: outputs, exit codes, and bad input as one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tests.conftest import vdisk_cli
+from vdisk import formats
+
+
+def _one_line_error(p) -> str:
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, p.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (["create", "{d}/a.img", "1Q"], "invalid size"),
+        (["create", "{d}/a.img", "-f", "nosuchformat", "1M"], "unknown format"),
+        (["create", "{d}/a.img"], "SIZE is needed"),
+        (["info", "{d}/missing.img"], "no such file"),
+        (["info", "{d}"], "directory"),
+        (["info", "--bogus", "{d}/x"], "no such option"),
+        (["nosuchcommand"], "No such command"),
+        (["resize", "{d}/missing.img", "1G"], "no such file"),
+        (["convert", "{d}/missing.img", "{d}/out.vdisk"], "no such file"),
+        (["create", "-f", "raw", "-o", "bogus=1", "{d}/b.img", "1M"], "unknown option"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, args, expect):
+    p = vdisk_cli(*[a.format(d=tmp_path) for a in args], check=False)
+    line = _one_line_error(p)
+    assert expect.lower() in line.lower(), line
+
+
+def test_create_refuses_to_overwrite(tmp_path):
+    img = tmp_path / "a.img"
+    img.write_bytes(b"precious")
+    p = vdisk_cli("create", "-f", "raw", str(img), "1M", check=False)
+    assert "already exists" in _one_line_error(p)
+    assert img.read_bytes() == b"precious"
+
+
+def test_info_json_and_map(tmp_path):
+    img = str(tmp_path / "a.img")
+    vdisk_cli("create", "-f", "raw", img, "4M")
+    with open(img, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"x" * 8192)
+    info = json.loads(vdisk_cli("info", "--output", "json", img).stdout)
+    assert info["virtual-size"] == 4 << 20
+    assert info["format"] == "raw"
+    runs = json.loads(vdisk_cli("map", "--output", "json", img).stdout)
+    data = [r for r in runs if r["data"]]
+    assert data and data[0]["start"] <= 1 << 20 < data[0]["start"] + data[0]["length"]
+
+
+def test_convert_compare_verify(tmp_path):
+    src = str(tmp_path / "a.img")
+    vdisk_cli("create", "-f", "raw", src, "3M")
+    with open(src, "r+b") as f:
+        f.seek(70000)
+        f.write(os.urandom(300000))
+    for fmt in [d.name for d in formats.drivers() if d.can_create]:
+        dst = str(tmp_path / f"b.{fmt}")
+        out = vdisk_cli("convert", "-O", fmt, "--verify", src, dst).stdout
+        assert "verified" in out
+        assert vdisk_cli("compare", src, dst).returncode == 0
+    with open(src, "r+b") as f:
+        f.seek(123457)
+        f.write(b"!")
+    p = vdisk_cli("compare", src, str(tmp_path / "b.raw"), check=False)
+    assert p.returncode == 1
+    assert "123457" in p.stdout
