@@ -12,7 +12,9 @@ import pytest
 VDISK = [sys.executable, "-m", "vdisk"]
 
 
-def run(cmd: list[str], *, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], *, check: bool = True, timeout: float = 120, **kw
+) -> subprocess.CompletedProcess:
     """Run a command, capturing text output; on failure the output is in the assertion."""
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
     if check and p.returncode != 0:
@@ -31,7 +33,10 @@ def pattern(offset: int, length: int, seed: int = 0) -> bytes:
 
     start = offset - offset % 8
     words = (offset + length - start + 7) // 8
-    raw = b"".join(struct.pack("<Q", (start + 8 * i) ^ (seed * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF)) for i in range(words))
+    raw = b"".join(
+        struct.pack("<Q", (start + 8 * i) ^ (seed * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF))
+        for i in range(words)
+    )
     return raw[offset - start : offset - start + length]
 
 
