@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from vdisk import api, ops
+from vdisk import api, ops, runtime
 from vdisk.api import format_size, parse_size
 from vdisk.cli.common import (
     SIZE,
@@ -93,9 +93,13 @@ def _fmt_time(t: float) -> str:
 @click.option("--stats", is_flag=True, help="Also print cache and metadata counters.")
 def info(image: str, fmt: str | None, output: str, force_share: bool, stats: bool) -> None:
     """Show an image: format, sizes, snapshots and the whole backing chain."""
-    with api.open(image, format=fmt, readonly=True, force_share=force_share) as d:
+    live = runtime.read_published(image) if stats else None
+    with api.open(image, format=fmt, readonly=True, force_share=force_share or live is not None) as d:
         data = d.info()
-        if stats:
+        if live is not None:
+            data["stats"] = live["stats"]
+            data["stats-source"] = f"{live['front_end']} (pid {live['pid']})"
+        elif stats:
             data["stats"] = d.stats()
     if output == "json":
         echo_json(data)
@@ -126,7 +130,7 @@ def info(image: str, fmt: str | None, output: str, force_share: bool, stats: boo
         for k, v in spec.items():
             click.echo(f"    {k}: {v}")
     if stats:
-        click.echo("Cache statistics:")
+        click.echo(f"Cache statistics ({data.get('stats-source', 'this process')}):")
         for group, counters in data["stats"].items():
             for k, v in (counters or {}).items():
                 click.echo(f"    {group}.{k}: {v}")
