@@ -193,3 +193,20 @@ def test_lock(tmp_path, fmt):
         pytest.raises(vdisk.ImageLocked),
     ):
         vdisk.open(path)
+
+
+def test_throwaway_overlay_leaves_image_untouched(tmp_path, fmt):
+    path = _new(tmp_path, fmt)
+    with vdisk.open(path) as d:
+        d.write(12345, pattern(12345, 200000))
+    before = Path(path).read_bytes()
+    with vdisk.open(path, snapshot=True, cache_mb=0.0625) as d:
+        d.write(100, b"\x77" * 150000)
+        d.write_zeroes(200000, 70000)
+        d.flush()
+        assert d.read(100, 150000) == b"\x77" * 150000
+        assert d.read(200000, 70000) == bytes(70000)
+        assert d.read(270000, 1000) == pattern(270000, 1000)
+    assert Path(path).read_bytes() == before
+    with vdisk.open(path, readonly=True) as d:
+        assert d.read(12345, 200000) == pattern(12345, 200000)

@@ -614,23 +614,42 @@ def open(
     cache_mb: float = DEFAULT_CACHE_MB,
     commit_interval: float | None = DEFAULT_COMMIT_INTERVAL,
     options: dict[str, Any] | None = None,
+    snapshot: bool = False,
 ) -> Disk:
     """Open an image and its backing chain. ``format`` overrides probing; a writable open
     takes an exclusive lock (ImageLocked if another process has the image open), a
-    read-only one a shared lock unless ``force_share``."""
+    read-only one a shared lock unless ``force_share``. ``snapshot`` gives a writable
+    view whose writes go to a throw-away overlay: the image itself never changes."""
     if force_share and not readonly:
         raise UsageError("force_share needs a read-only open")
+    if snapshot and readonly:
+        raise UsageError(
+            "snapshot=True is a writable throw-away view: do not combine it with readonly"
+        )
     if cache_mb < 0:
         raise UsageError(f"cache size must not be negative (got {cache_mb})")
     driver = _open_driver(
-        path, format=format, readonly=readonly, force_share=force_share, options=options
+        path, format=format, readonly=readonly or snapshot, force_share=force_share, options=options
     )
     try:
         layer = _open_chain(driver, force_share=force_share)
     except BaseException:
         driver.close()
         raise
-    return Disk(layer, cache_bytes=int(cache_mb * (1 << 20)), commit_interval=commit_interval)
+    if snapshot:
+        from vdisk.overlay import ScratchDriver
+
+        try:
+            scratch = ScratchDriver(
+                driver.size, max(4096, driver.cluster_size), driver.storage.path
+            )
+        except BaseException:
+            layer.close()
+            raise
+        layer = Layer(scratch, layer)
+    return Disk(
+        layer, cache_bytes=int(cache_mb * (1 << 20)), commit_interval=commit_interval, name=path
+    )
 
 
 def create(
