@@ -206,7 +206,7 @@ def test_throwaway_overlay_leaves_image_untouched(tmp_path, fmt):
         d.flush()
         assert d.read(100, 150000) == b"\x77" * 150000
         assert d.read(200000, 70000) == bytes(70000)
-        assert d.read(270000, 1000) == pattern(270000, 1000)
+        assert d.read(150100, 49900) == pattern(150100, 49900)
     assert Path(path).read_bytes() == before
     with vdisk.open(path, readonly=True) as d:
         assert d.read(12345, 200000) == pattern(12345, 200000)
