@@ -16,4 +16,4 @@ if [ -n "$missing" ]; then
     $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 PY=${PYTHON:-python3}
-$PY -m pip install -q --disable-pip-version-check -e ".[test]"
+$PY -m pip install -q --disable-pip-version-check -e ".[test,s3]"
