@@ -19,9 +19,10 @@ XenServer, XenConverter and qemu with ``force_size=on`` ("win ", "d2v ", "tap\\0
 "CTXS", "qem2") by the footer's current size; a disk with the maximum geometry
 65535x16x255 always uses the current size. The ``size_calc`` open option ("chs" or
 "current_size") overrides the table, as qemu's ``force_size_calc`` does.
-``create`` follows qemu: without ``force_size`` the size is rounded up to a CHS geometry
-(and creator "vdsk", so every reader agrees); with it the size is kept, the geometry is
-the maximum and the creator is "qem2".
+``create`` keeps the size asked for by default, as qemu's ``force_size=on`` does (the
+maximum geometry and creator "qem2", so qemu reads the current size too). With
+``force_size=False`` it rounds the size up to a CHS geometry as qemu's default does (and
+writes creator "vdsk": the current size then equals the CHS size, so every reader agrees).
 
 Crash order when a block is allocated: bitmap and data are written where the footer
 was, the footer is written after them, a barrier (``sync``), and only then the BAT entry
@@ -735,7 +736,7 @@ class VhdDriver(Driver):
             else:
                 if size <= 0:
                     raise UsageError(f"vhd: size {size} must be positive")
-                if options.get("force_size"):
+                if _flag(options.get("force_size", True), "force_size"):
                     vsize, chs, creator = (size + SECTOR - 1) // SECTOR * SECTOR, MAX_CHS, b"qem2"
                 else:
                     vsize, chs = _chs_size(size)
@@ -760,6 +761,18 @@ class VhdDriver(Driver):
         finally:
             if own is not None:
                 own.close()
+
+
+def _flag(v: Any, name: str) -> bool:
+    """A boolean option, also as the CLI spells it ("on"/"off")."""
+    if isinstance(v, str):
+        low = v.strip().lower()
+        if low in ("on", "true", "yes", "1"):
+            return True
+        if low in ("off", "false", "no", "0"):
+            return False
+        raise UsageError(f"vhd: option {name} must be on or off, not {v!r}")
+    return bool(v)
 
 
 def _check_path(text: str, where: str, what: str) -> None:

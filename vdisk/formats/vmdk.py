@@ -1119,7 +1119,11 @@ class VmdkDriver(Driver):
                     own.close()
         base = os.path.basename(storage.path)
         stem = base[:-5] if base.lower().endswith(".vmdk") else base
-        zeroed = bool(options.get("zeroed_grain"))
+        zeroed = options.get("zeroed_grain", False)
+        if isinstance(zeroed, str):
+            if zeroed.lower() not in ("on", "off", "true", "false", "yes", "no", "1", "0"):
+                raise UsageError(f"vmdk: zeroed_grain must be on or off, not {zeroed!r}")
+            zeroed = zeroed.lower() in ("on", "true", "yes", "1")
         extents: list[str] = []
         if sub in ("monolithicSparse", "streamOptimized"):
             if _bad_hint(base):
