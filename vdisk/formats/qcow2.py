@@ -776,6 +776,7 @@ class Qcow2Driver(Driver):
                 "cluster_size",
                 "backing",
                 "backing_size",
+                "backing_driver",
                 "compat",
                 "refcount_bits",
                 "lazy_refcounts",
