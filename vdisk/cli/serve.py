@@ -1,0 +1,170 @@
+"""`vdisk serve IMAGE [IMAGE ...]`: the NBD front end on the command line."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+import click
+
+from vdisk.cli.common import cache_option, format_option
+from vdisk.errors import UsageError, VdiskError, describe
+
+log = logging.getLogger("vdisk.nbd")
+
+
+def _setup_logging(verbose: int, logfile: str | None) -> None:
+    handler: logging.Handler = (
+        logging.FileHandler(logfile) if logfile else logging.StreamHandler(sys.stderr)
+    )
+    handler.setFormatter(logging.Formatter("vdisk serve: %(message)s"))
+    root = logging.getLogger("vdisk")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+
+
+def check_bind(host: str, allow_remote: bool) -> None:
+    """Refuse an address other machines can reach unless the user said so: NBD has no
+    authentication, whoever connects can read and write the disk."""
+    try:
+        infos = socket.getaddrinfo(host or None, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UsageError(f"--bind {host!r}: cannot resolve: {e.strerror}") from None
+    remote = [
+        ai[4][0]
+        for ai in infos
+        if not ipaddress.ip_address(str(ai[4][0]).split("%")[0]).is_loopback
+    ]
+    if remote and not allow_remote:
+        raise UsageError(
+            f"--bind {host!r} is reachable from other machines ({remote[0]}) and NBD has no "
+            "authentication: pass --allow-remote to do it anyway"
+        )
+
+
+def _url(host: str, port: int, name: str) -> str:
+    if ":" in host:
+        host = f"[{host}]"
+    return f"nbd://{host}:{port}/{name}"
+
+
+@click.command()
+@click.argument("images", metavar="IMAGE...", nargs=-1, required=True)
+@click.option("--bind", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "-p", "--port", type=int, default=10809, show_default=True, help="TCP port (0: any free one)."
+)
+@click.option("-r", "--read-only", "readonly", is_flag=True, help="Refuse every write.")
+@click.option(
+    "-s",
+    "--snapshot",
+    is_flag=True,
+    help="Writes go to a throw-away overlay; the images are unchanged afterwards.",
+)
+@format_option
+@cache_option
+@click.option(
+    "--allow-remote", is_flag=True, help="Allow --bind to an address other machines can reach."
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Worker threads for slow or large disk calls.",
+)
+@click.option("--pid-file", default=None, help="Write the server's pid here once it is ready.")
+@click.option("--log", "logfile", default=None, help="Write messages to this file.")
+@click.option("-v", "--verbose", count=True, help="Log connections (-vv: every failed request).")
+def serve(
+    images: tuple[str, ...],
+    bind: str,
+    port: int,
+    readonly: bool,
+    snapshot: bool,
+    fmt: str | None,
+    cache_mb: float,
+    allow_remote: bool,
+    threads: int,
+    pid_file: str | None,
+    logfile: str | None,
+    verbose: int,
+) -> None:
+    """Serve IMAGEs over NBD, each as an export named after its file name (with one image,
+    also as the default export): qemu -drive file=nbd://127.0.0.1:10809,format=raw.
+
+    Runs until Ctrl-C or SIGTERM, then flushes and closes every image."""
+    import trio
+
+    from vdisk import api
+    from vdisk.nbd.server import Export, Server
+
+    _setup_logging(verbose, logfile)
+    if readonly and snapshot:
+        raise UsageError("--read-only and --snapshot do not go together")
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port}: not a TCP port (0..65535)")
+    check_bind(bind, allow_remote)
+    names = [os.path.basename(os.path.normpath(p)) for p in images]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise UsageError(f"two images would have the same export name {sorted(dup)[0]!r}")
+
+    exports: list[Export] = []
+    try:
+        for path, name in zip(images, names):
+            disk = api.open(
+                path, format=fmt, readonly=readonly, snapshot=snapshot, cache_mb=cache_mb
+            )
+            exports.append(
+                Export(
+                    name, disk, readonly=readonly, description=f"{path} ({disk.format})", image=path
+                )
+            )
+        server = Server(exports, default=names[0] if len(names) == 1 else None, threads=threads)
+        trio.run(_main, server, bind, port, pid_file)
+    finally:
+        failed: list[str] = []
+        for e in reversed(exports):
+            try:
+                e.disk.close()
+            except VdiskError as exc:
+                failed.append(f"{e.image}: {describe(exc)}")
+        if pid_file:
+            with contextlib.suppress(OSError):
+                os.unlink(pid_file)
+        if failed:
+            raise VdiskError("closing failed: " + "; ".join(failed))
+
+
+async def _main(server: Any, bind: str, port: int, pid_file: str | None) -> None:
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        try:
+            listeners = await server.listen(bind, port)
+        except OSError as e:
+            raise VdiskError(f"cannot listen on {bind}:{port}: {e.strerror or e}") from None
+        async with trio.open_nursery() as nursery:
+            addrs = await nursery.start(server.serve, listeners)
+            host, real_port = addrs[0]
+            for e in server.exports.values():
+                click.echo(f"serving {e.image} as {_url(host, real_port, e.name)}")
+            if server.default is not None:
+                click.echo(f"default export: {_url(host, real_port, '')}")
+            sys.stdout.flush()
+            if pid_file:
+                tmp = f"{pid_file}.tmp"
+                with open(tmp, "w") as f:
+                    f.write(f"{os.getpid()}\n")
+                os.replace(tmp, pid_file)
+            async for signum in signals:
+                log.info("%s: shutting down", signal.Signals(signum).name)
+                break
+            nursery.cancel_scope.cancel()

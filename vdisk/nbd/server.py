@@ -1,0 +1,673 @@
+"""The NBD server: serves :class:`vdisk.api.Disk` objects to NBD clients over TCP (trio).
+
+It translates and holds no format logic: ``NBD_CMD_READ`` becomes ``disk.read``,
+``NBD_CMD_FLUSH`` ``disk.flush`` and so on; vdisk errors become NBD error values in one
+place (:func:`_error_of`). Structure, after trio's ``serve_listeners``:
+
+- one nursery owns everything: the listeners, one task per connection, a periodic
+  commit task (``disk.flush_if_due``);
+- a connection's receive loop parses requests as they come and keeps several in flight:
+  a small request whose disk is free and fast runs inline on the event loop (a thread
+  hop costs more than a cache hit, PERFORMANCE.md); the others (large, FUA, FLUSH, or a
+  disk that is busy or slow) run in worker threads under one CapacityLimiter;
+- replies of one connection are serialised by a lock, in completion order (NBD allows
+  any order); the number of requests in flight per connection is bounded.
+
+One :class:`Disk` is shared by every connection of an export: it is thread-safe and its
+flush is global, so ``NBD_FLAG_CAN_MULTI_CONN`` is advertised.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from vdisk import runtime
+from vdisk.errors import VdiskError, describe
+from vdisk.formats.base import Driver, Kind
+from vdisk.nbd import protocol as P
+
+log = logging.getLogger("vdisk.nbd")
+
+#: Worker threads for disk calls, shared by all connections (Disk calls serialise anyway).
+DEFAULT_THREADS = 4
+#: Requests of one connection in flight at once (the client's queue depth is bounded here).
+MAX_INFLIGHT = 64
+#: Of those, requests with a payload over 1 MiB (bounds memory: 8 x 32 MiB per connection).
+MAX_INFLIGHT_LARGE = 8
+LARGE = 1 << 20
+#: Requests up to this size may run on the event loop when the disk is free and fast.
+INLINE_MAX = 128 << 10
+#: A disk whose recent small calls took longer than this on average gets threads instead.
+SLOW_CALL_NS = 1_000_000
+#: The handshake must finish within this many seconds (a silent client is dropped).
+HANDSHAKE_TIMEOUT = 60.0
+#: A client may send at most this many options before choosing an export.
+MAX_OPTIONS = 256
+#: Socket receive size: big, so one system call brings many pipelined requests.
+RECV_SIZE = 256 << 10
+#: How often the periodic commit task looks at the disks.
+COMMIT_POLL = 1.0
+
+
+@dataclass
+class Export:
+    """One disk offered under a name."""
+
+    name: str
+    disk: Any  # vdisk.api.Disk, or anything with its interface (the --snapshot overlay)
+    readonly: bool = False
+    description: str = ""
+    image: str | None = None  # the image's path, for `vdisk info --stats`
+    _avg_ns: float = field(default=0.0, repr=False)
+
+    @property
+    def size(self) -> int:
+        return int(self.disk.size)
+
+    def fast_zero(self) -> bool:
+        """Whether write_zeroes is cheaper than writing zeros: not when the driver only
+        has the protocol's default, which writes zero bytes."""
+        driver = getattr(self.disk, "driver", None)
+        if not isinstance(driver, Driver):
+            return True
+        return type(driver).write_zeroes is not Driver.write_zeroes
+
+    def transmission_flags(self, structured: bool) -> int:
+        flags = P.FLAG_HAS_FLAGS | P.FLAG_SEND_FLUSH | P.FLAG_SEND_FUA | P.FLAG_CAN_MULTI_CONN
+        if self.readonly:
+            flags |= P.FLAG_READ_ONLY
+        else:
+            flags |= P.FLAG_SEND_TRIM | P.FLAG_SEND_WRITE_ZEROES | P.FLAG_SEND_FAST_ZERO
+        if structured:
+            flags |= P.FLAG_SEND_DF  # every read is answered with one chunk anyway
+        return flags
+
+    def block_sizes(self) -> tuple[int, int, int]:
+        """(minimum, preferred, maximum payload): any alignment works (the generic layer
+        does read-modify-write); whole clusters are what is efficient."""
+        cs = int(getattr(self.disk, "cluster_size", 4096) or 4096)
+        preferred = 4096
+        while preferred < min(cs, 2 << 20):
+            preferred <<= 1
+        return 1, preferred, P.MAX_PAYLOAD
+
+
+class _Closed(Exception):
+    """The peer closed the connection."""
+
+
+class _Reader:
+    """Buffered reads from a socket stream: big receives, headers parsed in place."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+        self.pos = 0
+
+    async def fill(self, n: int) -> None:
+        """Make at least ``n`` unread bytes available at ``buf[pos:]``."""
+        buf = self.buf
+        while len(buf) - self.pos < n:
+            if self.pos:
+                del buf[: self.pos]
+                self.pos = 0
+            chunk = await self.stream.receive_some(RECV_SIZE)
+            if not chunk:
+                raise _Closed
+            buf += chunk
+
+    async def read(self, n: int) -> bytes:
+        await self.fill(n)
+        p = self.pos
+        self.pos = p + n
+        return bytes(self.buf[p : p + n])
+
+    async def payload(self, n: int) -> bytearray:
+        """``n`` bytes of payload: what is buffered, then straight into the result."""
+        have = min(n, len(self.buf) - self.pos)
+        out = bytearray(n)
+        out[:have] = memoryview(self.buf)[self.pos : self.pos + have]
+        self.pos += have
+        if self.pos == len(self.buf):
+            self.buf.clear()
+            self.pos = 0
+        view = memoryview(out)
+        got = have
+        sock = self.stream.socket
+        while got < n:
+            k = await sock.recv_into(view[got:], min(n - got, 4 << 20))
+            if not k:
+                raise _Closed
+            got += k
+        return out
+
+    async def skip(self, n: int) -> None:
+        while n > 0:
+            k = min(n, 1 << 20)
+            await self.fill(1)
+            k = min(k, len(self.buf) - self.pos)
+            self.pos += k
+            n -= k
+
+
+class _Outcome:
+    __slots__ = ("error", "value")
+
+    def __init__(self, value: Any = None, error: BaseException | None = None) -> None:
+        self.value = value
+        self.error = error
+
+
+_BUSY = object()
+
+
+def _error_of(exc: BaseException, where: str) -> tuple[int, str]:
+    """THE boundary: a vdisk error (or an OSError) becomes an NBD error value and a message."""
+    if isinstance(exc, VdiskError | OSError):
+        return P.nbd_error(getattr(exc, "errno", None)), describe(exc)
+    log.error("%s: internal error", where, exc_info=exc)
+    return P.EIO, f"internal error: {type(exc).__name__}"
+
+
+class _FastZeroUnsupported(Exception):
+    pass
+
+
+class _Connection:
+    def __init__(self, server: Server, stream: trio.SocketStream, peer: str) -> None:
+        self.server = server
+        self.stream = stream
+        self.peer = peer
+        self.reader = _Reader(stream)
+        self.send_lock = trio.Lock()
+        self.structured = False
+        self.meta_export: str | None = None  # export the base:allocation context is for
+        self.inflight = trio.Semaphore(MAX_INFLIGHT)
+        self.inflight_large = trio.Semaphore(MAX_INFLIGHT_LARGE)
+        self.current: str | None = None  # what we were reading when the peer vanished
+
+    # -- sending -----------------------------------------------------------------------
+
+    async def send(self, *parts: bytes | bytearray | memoryview) -> None:
+        async with self.send_lock:
+            if len(parts) == 1:
+                await self.stream.send_all(parts[0])
+            elif sum(len(p) for p in parts) <= INLINE_MAX:
+                await self.stream.send_all(b"".join(parts))
+            else:
+                for p in parts:
+                    await self.stream.send_all(p)
+
+    # -- the handshake -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                chosen = await self.handshake()
+            if chosen is not None:
+                export, meta = chosen
+                log.info("%s: connected to export %r", self.peer, export.name)
+                await self.transmission(export, meta)
+                log.info("%s: disconnected", self.peer)
+        except* _Closed:
+            if self.current:
+                log.warning(
+                    "%s: dropped: disconnected in the middle of %s", self.peer, self.current
+                )
+            else:
+                log.info("%s: disconnected", self.peer)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+            log.warning("%s: dropped: connection broken", self.peer)
+        except* P.ProtocolError as eg:
+            log.warning("%s: dropped: %s", self.peer, eg.exceptions[0])
+        except* trio.TooSlowError:
+            log.warning("%s: dropped: no export chosen within %ss", self.peer, HANDSHAKE_TIMEOUT)
+
+    async def handshake(self) -> tuple[Export, bool] | None:
+        r = self.reader
+        flags = P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES
+        await self.send(P.HANDSHAKE.pack(P.NBDMAGIC, P.IHAVEOPT, flags))
+        self.current = "the handshake"
+        (cflags,) = P.CLIENT_FLAGS.unpack(await r.read(4))
+        if cflags & ~P.KNOWN_CLIENT_FLAGS:
+            raise P.ProtocolError(f"unknown client flags {cflags:#x}")
+        no_zeroes = bool(cflags & P.FLAG_C_NO_ZEROES)
+        for _ in range(MAX_OPTIONS):
+            self.current = None
+            magic, opt, length = P.OPTION.unpack(await r.read(P.OPTION.size))
+            self.current = "an option"
+            if magic != P.IHAVEOPT:
+                raise P.ProtocolError(f"bad option magic {magic:#x} (expected {P.IHAVEOPT:#x})")
+            if length > P.MAX_OPTION_DATA:
+                raise P.ProtocolError(
+                    f"option {opt} carries {length} bytes (limit {P.MAX_OPTION_DATA})"
+                )
+            data = await r.read(length)
+            self.current = None
+            result = await self.option(opt, data, no_zeroes)
+            if result is not None:
+                return result if result is not False else None
+        raise P.ProtocolError(f"more than {MAX_OPTIONS} options without choosing an export")
+
+    async def reply(self, opt: int, rep: int, data: bytes = b"") -> None:
+        await self.send(P.option_reply(opt, rep, data))
+
+    async def error(self, opt: int, rep: int, message: str) -> None:
+        await self.reply(opt, rep, message.encode()[: P.MAX_STRING])
+
+    async def option(self, opt: int, data: bytes, no_zeroes: bool) -> Any:
+        """Handle one option; a (export, meta) pair enters transmission, False ends."""
+        srv = self.server
+        if opt == P.OPT_EXPORT_NAME:
+            name = _decode(data)
+            export = srv.lookup(name) if name is not None else None
+            if export is None:
+                raise P.ProtocolError(f"NBD_OPT_EXPORT_NAME of unknown export {data[:64]!r}")
+            msg = P.EXPORT_NAME_REPLY.pack(export.size, export.transmission_flags(False))
+            await self.send(msg if no_zeroes else msg + bytes(124))
+            return export, False
+        if opt == P.OPT_ABORT:
+            await self.reply(opt, P.REP_ACK)
+            return False
+        if opt == P.OPT_LIST:
+            if data:
+                return await self.error(opt, P.REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
+            for e in srv.exports.values():
+                name = e.name.encode()
+                await self.reply(opt, P.REP_SERVER, P.U32.pack(len(name)) + name)
+            return await self.reply(opt, P.REP_ACK)
+        if opt == P.OPT_STRUCTURED_REPLY:
+            if data:
+                return await self.error(opt, P.REP_ERR_INVALID, "option takes no data")
+            self.structured = True
+            return await self.reply(opt, P.REP_ACK)
+        if opt in (P.OPT_INFO, P.OPT_GO):
+            return await self.info_or_go(opt, data)
+        if opt in (P.OPT_LIST_META_CONTEXT, P.OPT_SET_META_CONTEXT):
+            return await self.meta_context(opt, data)
+        if opt == P.OPT_STARTTLS:
+            return await self.error(opt, P.REP_ERR_POLICY, "TLS is not supported by this server")
+        return await self.error(opt, P.REP_ERR_UNSUP, f"option {opt} is not supported")
+
+    async def info_or_go(self, opt: int, data: bytes) -> Any:
+        if len(data) < 6:
+            return await self.error(opt, P.REP_ERR_INVALID, "option data too short")
+        (n,) = P.U32.unpack_from(data, 0)
+        if n > len(data) - 6:
+            return await self.error(opt, P.REP_ERR_INVALID, f"name length {n} past the data")
+        (nreq,) = P.U16.unpack_from(data, 4 + n)
+        if len(data) != 6 + n + 2 * nreq:
+            return await self.error(
+                opt, P.REP_ERR_INVALID, f"{nreq} information requests do not fit the data"
+            )
+        name = _decode(data[4 : 4 + n])
+        if name is None:
+            return await self.error(opt, P.REP_ERR_INVALID, "export name is not valid UTF-8")
+        requests = {P.U16.unpack_from(data, 6 + n + 2 * i)[0] for i in range(nreq)}
+        export = self.server.lookup(name)
+        if export is None:
+            return await self.error(opt, P.REP_ERR_UNKNOWN, f"no export named {name!r}")
+        flags = export.transmission_flags(self.structured)
+        await self.reply(opt, P.REP_INFO, P.INFO_EXPORT_S.pack(P.INFO_EXPORT, export.size, flags))
+        if P.INFO_NAME in requests or name != export.name:
+            await self.reply(opt, P.REP_INFO, P.U16.pack(P.INFO_NAME) + export.name.encode())
+        if P.INFO_DESCRIPTION in requests and export.description:
+            desc = export.description.encode()[: P.MAX_STRING]
+            await self.reply(opt, P.REP_INFO, P.U16.pack(P.INFO_DESCRIPTION) + desc)
+        mn, pref, mx = export.block_sizes()
+        await self.reply(opt, P.REP_INFO, P.INFO_BLOCK_SIZE_S.pack(P.INFO_BLOCK_SIZE, mn, pref, mx))
+        await self.reply(opt, P.REP_ACK)
+        if opt == P.OPT_GO:
+            return export, self.structured and self.meta_export == export.name
+        return None
+
+    async def meta_context(self, opt: int, data: bytes) -> None:
+        setting = opt == P.OPT_SET_META_CONTEXT
+        if setting:
+            self.meta_export = None  # replaced even when this request fails
+        if not self.structured:
+            return await self.error(opt, P.REP_ERR_INVALID, "negotiate structured replies first")
+        parsed = _parse_meta(data)
+        if parsed is None:
+            return await self.error(opt, P.REP_ERR_INVALID, "malformed meta context request")
+        name, queries = parsed
+        export = self.server.lookup(name)
+        if export is None:
+            return await self.error(opt, P.REP_ERR_UNKNOWN, f"no export named {name!r}")
+        if setting:
+            chosen = P.META_BASE_ALLOCATION in queries
+        else:
+            chosen = not queries or any(q in ("base:", P.META_BASE_ALLOCATION) for q in queries)
+        if chosen:
+            ctx = P.META_BASE_ALLOCATION.encode()
+            await self.reply(opt, P.REP_META_CONTEXT, P.U32.pack(1 if setting else 0) + ctx)
+            if setting:
+                self.meta_export = export.name
+        await self.reply(opt, P.REP_ACK)
+
+    # -- transmission ---------------------------------------------------------------------
+
+    async def transmission(self, export: Export, meta: bool) -> None:
+        r = self.reader
+        req = P.REQUEST
+        size = export.size
+        async with trio.open_nursery() as nursery:
+            while True:
+                self.current = None
+                await r.fill(28)
+                magic, flags, cmd, cookie, offset, length = req.unpack_from(r.buf, r.pos)
+                r.pos += 28
+                if magic != P.REQUEST_MAGIC:
+                    raise P.ProtocolError(
+                        f"bad request magic {magic:#x} (expected {P.REQUEST_MAGIC:#x})"
+                    )
+                data: bytearray | None = None
+                if cmd == P.CMD_WRITE:
+                    self.current = f"a WRITE of {length} bytes at {offset}"
+                    if length > P.MAX_PAYLOAD:
+                        await r.skip(length)
+                        await self.fail(
+                            cookie,
+                            cmd,
+                            P.EINVAL,
+                            f"write of {length} bytes exceeds the maximum payload {P.MAX_PAYLOAD}",
+                        )
+                        continue
+                    data = await r.payload(length)
+                    self.current = None
+                if cmd == P.CMD_DISC:
+                    return  # the nursery waits for the requests in flight
+                problem = self.validate(export, meta, size, cmd, flags, offset, length)
+                if problem is not None:
+                    await self.fail(cookie, cmd, *problem)
+                    continue
+                work = self.work(export, cmd, flags, offset, length, data)
+                if self.inline_ok(export, cmd, flags, length):
+                    outcome = _run_inline(export, work)
+                    if outcome is not _BUSY:
+                        await self.answer(cookie, cmd, flags, offset, length, outcome)
+                        continue
+                large = length > LARGE and cmd in (P.CMD_READ, P.CMD_WRITE)
+                await self.inflight.acquire()
+                if large:
+                    await self.inflight_large.acquire()
+                nursery.start_soon(
+                    self.background, export, work, cookie, cmd, flags, offset, length, large
+                )
+
+    def validate(
+        self, export: Export, meta: bool, size: int, cmd: int, flags: int, offset: int, length: int
+    ) -> tuple[int, str] | None:
+        allowed = P.ALLOWED_CMD_FLAGS.get(cmd)
+        name = P.CMD_NAMES.get(cmd, str(cmd))
+        if allowed is None:
+            return P.EINVAL, f"unknown command {cmd}"
+        if flags & ~allowed:
+            return P.EINVAL, f"flags {flags:#x} not valid for {name}"
+        if flags & P.CMD_FLAG_DF and not self.structured:
+            return P.EINVAL, "NBD_CMD_FLAG_DF without structured replies"
+        if cmd == P.CMD_BLOCK_STATUS and not meta:
+            return P.EINVAL, "BLOCK_STATUS without a negotiated base:allocation context"
+        if export.readonly and cmd in (P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES):
+            return P.EPERM, f"{name} on a read-only export"
+        if cmd == P.CMD_READ and length > P.MAX_PAYLOAD:
+            return P.EINVAL, f"read of {length} bytes exceeds the maximum payload {P.MAX_PAYLOAD}"
+        if cmd in (P.CMD_FLUSH,):
+            return None
+        if offset + length > size or offset > size:
+            err = P.ENOSPC if cmd in (P.CMD_WRITE, P.CMD_WRITE_ZEROES) else P.EINVAL
+            return err, f"{name} of {length} bytes at {offset} ends past the end ({size} bytes)"
+        if cmd == P.CMD_BLOCK_STATUS and length == 0:
+            return P.EINVAL, "BLOCK_STATUS of length 0"
+        return None
+
+    def inline_ok(self, export: Export, cmd: int, flags: int, length: int) -> bool:
+        if cmd == P.CMD_FLUSH or flags & P.CMD_FLAG_FUA or length > INLINE_MAX:
+            return False
+        return export._avg_ns < SLOW_CALL_NS
+
+    def work(
+        self,
+        export: Export,
+        cmd: int,
+        flags: int,
+        offset: int,
+        length: int,
+        data: bytearray | None,
+    ) -> Callable[[], Any]:
+        """The disk calls of one request, as a function to run inline or in a thread."""
+        disk = export.disk
+        fua = bool(flags & P.CMD_FLAG_FUA)
+        if cmd == P.CMD_READ:
+            return lambda: disk.read(offset, length) if length else b""
+        if cmd == P.CMD_FLUSH:
+            return disk.flush
+        if cmd == P.CMD_BLOCK_STATUS:
+            return lambda: _descriptors(disk.block_status(offset, length), flags, length)
+
+        def write() -> None:
+            if length:
+                if cmd == P.CMD_WRITE:
+                    disk.write(offset, data)
+                elif cmd == P.CMD_TRIM:
+                    disk.discard(offset, length)
+                else:
+                    if flags & P.CMD_FLAG_FAST_ZERO and not export.fast_zero():
+                        raise _FastZeroUnsupported
+                    disk.write_zeroes(offset, length, unmap=not flags & P.CMD_FLAG_NO_HOLE)
+            if fua:
+                disk.flush()
+
+        return write
+
+    async def background(
+        self,
+        export: Export,
+        work: Callable[[], Any],
+        cookie: int,
+        cmd: int,
+        flags: int,
+        offset: int,
+        length: int,
+        large: bool,
+    ) -> None:
+        try:
+            outcome = await trio.to_thread.run_sync(
+                _run_timed, export, work, limiter=self.server.limiter
+            )
+            await self.answer(cookie, cmd, flags, offset, length, outcome)
+        finally:
+            self.inflight.release()
+            if large:
+                self.inflight_large.release()
+
+    async def answer(
+        self, cookie: int, cmd: int, flags: int, offset: int, length: int, outcome: _Outcome
+    ) -> None:
+        if outcome.error is not None:
+            if isinstance(outcome.error, _FastZeroUnsupported):
+                err, msg = P.ENOTSUP, "write zeroes is not faster than writing on this image"
+            else:
+                err, msg = _error_of(outcome.error, f"{self.peer}: {P.CMD_NAMES[cmd]}")
+            return await self.fail(cookie, cmd, err, msg)
+        if cmd == P.CMD_READ:
+            value = outcome.value
+            if self.structured:
+                if not length:
+                    return await self.send(P.structured_none(cookie))
+                return await self.send(P.offset_data_header(cookie, offset, length), value)
+            return await self.send(P.simple_reply(cookie), value)
+        if cmd == P.CMD_BLOCK_STATUS:
+            return await self.send(P.block_status_chunk(cookie, 1, outcome.value))
+        await self.send(P.simple_reply(cookie))
+
+    async def fail(self, cookie: int, cmd: int, err: int, message: str) -> None:
+        log.debug("%s: %s failed: %s", self.peer, P.CMD_NAMES.get(cmd, cmd), message)
+        if self.structured:
+            await self.send(P.structured_error(cookie, err, message))
+        else:
+            await self.send(P.simple_reply(cookie, err))
+
+
+def _run_inline(export: Export, work: Callable[[], Any]) -> Any:
+    """Run on the event loop if the disk's lock is free right now, else _BUSY: the event
+    loop must never wait for a lock a worker thread holds (a flush may take seconds)."""
+    lock = getattr(export.disk, "_lock", None)
+    if lock is not None and not lock.acquire(blocking=False):
+        return _BUSY
+    try:
+        return _run_timed(export, work)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_timed(export: Export, work: Callable[[], Any]) -> _Outcome:
+    t0 = time.perf_counter_ns()
+    try:
+        return _Outcome(work())
+    except Exception as e:
+        return _Outcome(error=e)
+    finally:
+        # a moving average of how long this disk's calls take: slow storage -> threads
+        export._avg_ns += (time.perf_counter_ns() - t0 - export._avg_ns) / 8
+
+
+def _descriptors(extents: Iterable[Any], flags: int, length: int) -> list[tuple[int, int]]:
+    """base:allocation descriptors: DATA -> 0, ZERO -> ZERO, HOLE -> HOLE|ZERO (as qemu-nbd
+    reports an unallocated or zero-flagged cluster), neighbours of equal state joined."""
+    out: list[tuple[int, int]] = []
+    for e in extents:
+        state = 0 if e.kind == Kind.DATA else P.STATE_HOLE | P.STATE_ZERO
+        if out and out[-1][1] == state and out[-1][0] + e.length < (1 << 32):
+            out[-1] = (out[-1][0] + e.length, state)
+        elif len(out) >= P.MAX_EXTENTS:
+            break
+        else:
+            out.append((e.length, state))
+    if not out:
+        raise VdiskError(f"block status returned no extents for {length} bytes")
+    if flags & P.CMD_FLAG_REQ_ONE:
+        n, state = out[0]
+        return [(min(n, length), state)]
+    return out
+
+
+def _decode(raw: bytes) -> str | None:
+    if len(raw) > P.MAX_STRING:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _parse_meta(data: bytes) -> tuple[str, list[str]] | None:
+    """(export name, queries) of a LIST/SET_META_CONTEXT request, None if malformed."""
+    if len(data) < 8:
+        return None
+    (n,) = P.U32.unpack_from(data, 0)
+    if 8 + n > len(data):
+        return None
+    name = _decode(data[4 : 4 + n])
+    (count,) = P.U32.unpack_from(data, 4 + n)
+    pos = 8 + n
+    queries: list[str] = []
+    for _ in range(count):  # each query takes at least 4 bytes: bounded by len(data)
+        if pos + 4 > len(data):
+            return None
+        (ql,) = P.U32.unpack_from(data, pos)
+        pos += 4
+        if pos + ql > len(data):
+            return None
+        q = _decode(data[pos : pos + ql])
+        if q is None or ":" not in q:
+            return None
+        queries.append(q)
+        pos += ql
+    if pos != len(data) or name is None:
+        return None
+    return name, queries
+
+
+class Server:
+    """Serves exports by name; ``default`` names the export of the empty name, if any."""
+
+    def __init__(
+        self,
+        exports: list[Export],
+        *,
+        default: str | None = None,
+        threads: int = DEFAULT_THREADS,
+    ) -> None:
+        self.exports = {e.name: e for e in exports}
+        if len(self.exports) != len(exports):
+            raise VdiskError("two exports have the same name")
+        self.default = default
+        self.limiter = trio.CapacityLimiter(threads)
+        self.connections = 0
+
+    def lookup(self, name: str) -> Export | None:
+        if name == "" and self.default is not None:
+            return self.exports.get(self.default)
+        return self.exports.get(name)
+
+    @staticmethod
+    async def listen(host: str, port: int) -> list[trio.SocketListener]:
+        """The listening sockets (port 0: the kernel picks a free port)."""
+        return await trio.open_tcp_listeners(port, host=host)
+
+    async def serve(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled; reports the bound (host, port)s once connections are
+        accepted."""
+        addrs = [ln.socket.getsockname()[:2] for ln in listeners]
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._commit_loop)
+                await nursery.start(trio.serve_listeners, self._handle, listeners)
+                task_status.started(addrs)
+        finally:
+            for e in self.exports.values():
+                if e.image is not None:
+                    runtime.unpublish(e.image)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            host, port = stream.socket.getpeername()[:2]
+            peer = f"{host}:{port}"
+        except OSError:
+            peer = "?"
+        self.connections += 1
+        try:
+            await _Connection(self, stream, peer).run()
+        finally:
+            self.connections -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _commit_loop(self) -> None:
+        """The periodic commit: bounds what a crash of an idle server can lose."""
+        while True:
+            await trio.sleep(COMMIT_POLL)
+            for e in self.exports.values():
+                try:
+                    await trio.to_thread.run_sync(_commit_and_publish, e, limiter=self.limiter)
+                except VdiskError as exc:
+                    log.error("%s: periodic commit failed: %s", e.name, describe(exc))
+
+
+def _commit_and_publish(e: Export) -> None:
+    if not e.readonly:
+        e.disk.flush_if_due()
+    if e.image is not None:
+        runtime.publish(e.image, e.disk.stats(), "nbd")
