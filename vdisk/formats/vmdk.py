@@ -512,13 +512,15 @@ class _Sparse:
         return out
 
     def _host(self, g: int, e: int, within: int, k: int) -> int:
-        host = e * SECTOR + within
-        if host >= self.file_size or e * SECTOR < HEADER_SIZE:
+        """The host offset of bytes of grain ``g`` (entry ``e``), checked: an uncompressed
+        grain lies wholly inside the file (qemu and VMware write whole grains)."""
+        need = 12 if self.compressed else min(self.grain, self.length - g * self.grain)
+        if e * SECTOR < HEADER_SIZE or e * SECTOR + need > self.file_size:
             raise CorruptImage(
-                f"{self.where}: grain {g} is at sector {e}, outside the file "
+                f"{self.where}: grain {g} at sector {e} ({need} bytes) is outside the file "
                 f"({self.file_size} bytes)"
             )
-        return host
+        return e * SECTOR + within
 
     def _grain_data(self, g: int, e: int) -> bytes:
         """A whole grain (decompressed when the extent is compressed)."""
@@ -850,8 +852,8 @@ class VmdkDriver(Driver):
             size = st.size()
             if size > MAX_DESCRIPTOR:
                 raise CorruptImage(
-                    f"{where}: not a VMDK header, and too large ({size} bytes) to be a "
-                    f"descriptor (limit {MAX_DESCRIPTOR})"
+                    f"{where}: bad magic {head!r} (expected {MAGIC!r}), and too large "
+                    f"({size} bytes) to be a descriptor (limit {MAX_DESCRIPTOR})"
                 )
             self.desc = parse_descriptor(st.pread(0, size), where)
             for i, e in enumerate(self.desc.extents):
