@@ -231,7 +231,7 @@ def test_backing_chain(tmp_path):
         "read -P 0x10 0 60k",
         "read -P 0x20 60k 70k",
         "read -P 0 1M 128k",
-        "read -P 0x10 3000k 72k",
+        "read -P 0x10 3000k 71k",
         "read -P 0x30 3145628 70000",
         "read -P 0 2M 64k",
     )

@@ -123,6 +123,9 @@ DATA, ZERO, HOLE, COMPRESSED = 0, 1, 2, 3
 _KIND = {DATA: Kind.DATA, ZERO: Kind.ZERO, HOLE: Kind.HOLE, COMPRESSED: Kind.DATA}
 
 DEFAULT_L2_CACHE = 4 << 20
+MAX_PENDING_FREES = 1 << 16  # queued decrements before a write forces a flush
+MAX_CHECK_ENTRIES = 1 << 28  # L2 entries check walks at most (hostile snapshot tables)
+MAX_CHECK_CLUSTERS = 1 << 26  # clusters of file check counts (4 bytes each)
 DEFAULT_REFCOUNT_CACHE = 1 << 20
 
 
@@ -590,6 +593,8 @@ class Qcow2Driver(Driver):
 
     def write(self, offset: int, data: bytes) -> None:
         self._check_writable()
+        if len(self._pending_free) > MAX_PENDING_FREES:
+            self.flush()
         mv = memoryview(data)
         pos = 0
         for gidx, within, n in cluster_spans(offset, len(data), self.cluster_size):
@@ -617,6 +622,13 @@ class Qcow2Driver(Driver):
         if self._whole(gidx, within, n):
             buf = bytes(data) + bytes(cs - n)
         else:
+            if self.backing is not None and (
+                (entry == 0 and bm == 0) or (self.extl2 and ~(bm | bm >> 32) & ALL_ALLOC)
+            ):
+                raise UsageError(
+                    f"{self.path}: partial write to guest cluster {gidx}, which is not "
+                    "allocated in this overlay (the generic layer copies up whole clusters)"
+                )
             old = bytearray(self.read(gidx * cs, min(cs, self.size - gidx * cs)))
             old.extend(bytes(cs - len(old)))
             old[within : within + n] = data
@@ -638,6 +650,8 @@ class Qcow2Driver(Driver):
         pos = offset
         span = cs * self.l2_entries
         while pos < end:
+            if len(self._pending_free) > MAX_PENDING_FREES:
+                self.flush()  # bounds the memory of a discard over a huge range
             gidx, within = divmod(pos, cs)
             n = min(cs - within, end - pos)
             l1i = gidx // self.l2_entries
@@ -1128,10 +1142,12 @@ class Qcow2Driver(Driver):
         cs, bits = self.cluster_size, self.cluster_bits
         fsize = self.storage.size()
         nclusters = max(-(-fsize // cs), self.refs.alloc_end)
-        if nclusters * 4 > 512 << 20:
+        if nclusters > MAX_CHECK_CLUSTERS:
             raise UnsupportedFeature(
-                f"{self.path}: image too large to check ({nclusters} clusters)"
+                f"{self.path}: image too large to check ({nclusters} clusters, the limit is "
+                f"{MAX_CHECK_CLUSTERS})"
             )
+        walked = 0
         counts = array("I", [0]) * nclusters
 
         def add(off: int, length: int, what: str) -> None:
@@ -1157,6 +1173,13 @@ class Qcow2Driver(Driver):
                     report.corruptions.append(f"{label} L1 entry {l1i}: unaligned {off:#x}")
                     continue
                 add(off, cs, f"{label} L2 table {l1i}")
+                nonlocal walked
+                walked += self.l2_entries
+                if walked > MAX_CHECK_ENTRIES:
+                    raise UnsupportedFeature(
+                        f"{self.path}: the L1 tables (active and snapshots) map more than "
+                        f"{MAX_CHECK_ENTRIES} L2 entries: too many to check"
+                    )
                 raw = self.storage.pread(off, cs)
                 if len(raw) != cs:
                     continue

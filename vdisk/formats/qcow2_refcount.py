@@ -128,7 +128,7 @@ class Refcounts:
         )
         self._load_table(table_offset, table_clusters)
         file_clusters = -(-storage.size() // self.cs)
-        self.hint = 0  # no free cluster below this one
+        self.hint = 1  # no free cluster below this one (cluster 0, the header, never is)
         self.alloc_end = file_clusters  # clusters >= this are neither in the file nor allocated
         self.reserved = (0, 0)  # a range being laid out: find_free skips it
 
@@ -225,7 +225,7 @@ class Refcounts:
                 f"would drop below zero (it is {old})"
             )
         self.set(cluster, new)
-        if new == 0 and cluster < self.hint:
+        if new == 0 and 0 < cluster < self.hint:
             self.hint = cluster
         return new
 
@@ -473,7 +473,7 @@ class Refcounts:
         self.table = table
         self.table_offset, self.table_clusters = start * cs, t
         self.table_dirty = set()
-        self.hint = 0
+        self.hint = 1
         self.alloc_end = new_meta_end
         reset()
 
