@@ -125,7 +125,7 @@ _KIND = {DATA: Kind.DATA, ZERO: Kind.ZERO, HOLE: Kind.HOLE, COMPRESSED: Kind.DAT
 DEFAULT_L2_CACHE = 4 << 20
 MAX_PENDING_FREES = 1 << 16  # queued decrements before a write forces a flush
 MAX_CHECK_ENTRIES = 1 << 28  # L2 entries check walks at most (hostile snapshot tables)
-MAX_CHECK_CLUSTERS = 1 << 26  # clusters of file check counts (4 bytes each)
+MAX_CHECK_CLUSTERS = 1 << 25  # clusters of file check counts (4 bytes each)
 DEFAULT_REFCOUNT_CACHE = 1 << 20
 
 

@@ -73,11 +73,11 @@ def parse_table(storage: Storage, offset: int, count: int, cluster_size: int) ->
             raise CorruptImage(
                 f"{path}: snapshot {n}: extra_data_size {extra_size} over the limit {MAX_EXTRA}"
             )
-        total = ENTRY.size + extra_size + id_len + name_len
-        total += -total % 8
-        if pos + total > limit:
+        used = ENTRY.size + extra_size + id_len + name_len
+        total = used + (-used % 8)  # qemu may end the file before the last entry's padding
+        if pos + used > limit:
             raise CorruptImage(
-                f"{path}: snapshot table entry {n} at {pos:#x} ({total} bytes) runs past the "
+                f"{path}: snapshot table entry {n} at {pos:#x} ({used} bytes) runs past the "
                 f"end of the table (limit {limit:#x})"
             )
         rest = storage.pread_exact(
