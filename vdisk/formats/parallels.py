@@ -1,0 +1,527 @@
+"""Parallels expandable images (.hdd) and the DiskDescriptor.xml bundle around them.
+
+Spec: QEMU's ``docs/interop/parallels.txt`` (the image) and ``docs/interop/prl-xml.txt``
+(the descriptor). An image is a 64-byte header ("WithoutFreeSpace" or "WithouFreSpacExt"),
+the BAT (one uint32 per cluster: 0 = not allocated, else the cluster's file offset, in
+sectors for the old magic and in clusters for the "Ext" magic), then the data area.
+
+A Parallels *disk* is a directory with a DiskDescriptor.xml listing its images (GUID and
+file) and the snapshot tree (each Shot's GUID and ParentGUID); the top snapshot is the one
+named by TopGUID or the predefined {5fbaabe3-...}. vdisk opens such a disk either through
+the descriptor (the top image is opened, its parent becomes the backing image) or through
+one image file of the bundle (its parent is looked up in the descriptor beside it). The
+XML is bounded in size and refused if it has a DOCTYPE or ENTITY (no entity expansion);
+image paths must stay inside the bundle; a snapshot chain that loops is an error.
+
+Writing: a new cluster is appended at the end of the file, then its BAT entry written
+(a crash in between leaks the cluster). The header's ``in_use`` field is set before the
+first write and cleared on close, as Parallels and QEMU do, so an unclean close is visible.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import xml.etree.ElementTree as ET
+from typing import Any
+
+from vdisk.errors import BackingMismatch, CorruptImage, UnsupportedFeature, UsageError
+from vdisk.formats.base import (
+    BackingRef,
+    CheckReport,
+    Driver,
+    Extent,
+    Kind,
+    cluster_spans,
+    merge_extents,
+    reject_unknown_options,
+)
+from vdisk.formats.vdi import PagedTable
+from vdisk.storage import FileStorage, Storage
+
+# magic, version, heads, cylinders, tracks (cluster size in sectors), BAT entries,
+# disk size in sectors, in_use, data offset (sectors), flags, extension offset (sectors)
+HEADER = struct.Struct("<16sIIIIIQIIIQ")
+assert HEADER.size == 64
+MAGIC_OLD = b"WithoutFreeSpace"
+MAGIC_EXT = b"WithouFreSpacExt"
+VERSION = 2
+IN_USE = 0x746F6E59
+CLOSED = 0x312E3276
+FLAG_EMPTY = 1
+SECTOR = 512
+DEFAULT_CLUSTER = 1 << 20
+MAX_CLUSTER = 256 << 20
+MAX_DISK = 1 << 56
+
+DESCRIPTOR = "DiskDescriptor.xml"
+MAX_XML = 1 << 20
+MAX_SHOTS = 1024
+TOP_GUID = "{5fbaabe3-6958-40ff-92a7-860e329aab41}"
+NULL_GUID = "{00000000-0000-0000-0000-000000000000}"
+_GUID_RE = re.compile(r"^\{[0-9a-fA-F-]{36}\}$")
+
+
+# -- the descriptor ------------------------------------------------------------------------------
+
+
+class Bundle:
+    """What DiskDescriptor.xml says: images by GUID and the parent of each snapshot."""
+
+    def __init__(self, images: dict[str, tuple[str, str]], parents: dict[str, str], top: str):
+        self.images = images  # GUID -> (file, type)
+        self.parents = parents  # GUID -> parent GUID
+        self.top = top
+
+    def chain(self, guid: str, where: str) -> list[str]:
+        """``guid`` and its ancestors, newest first; a loop or a missing image is an error."""
+        out: list[str] = []
+        seen: set[str] = set()
+        while guid != NULL_GUID:
+            if guid in seen:
+                raise CorruptImage(f"{where}: snapshot chain loops at {guid}")
+            if guid not in self.images:
+                raise CorruptImage(f"{where}: snapshot {guid} has no Image element")
+            seen.add(guid)
+            out.append(guid)
+            if guid not in self.parents:
+                raise CorruptImage(f"{where}: image {guid} has no Shot element")
+            guid = self.parents[guid]
+        return out
+
+    def guid_of(self, file: str) -> str | None:
+        for guid, (f, _t) in self.images.items():
+            if os.path.normpath(f) == os.path.normpath(file):
+                return guid
+        return None
+
+
+def _text(el: ET.Element, tag: str, where: str) -> str:
+    child = el.find(tag)
+    if child is None or child.text is None:
+        raise CorruptImage(f"{where}: <{el.tag}> has no <{tag}>")
+    return child.text.strip()
+
+
+def _safe_name(name: str, where: str) -> str:
+    """An image path relative to the bundle, that does not leave it."""
+    norm = os.path.normpath(name.replace("\\", "/"))
+    if os.path.isabs(norm) or norm == ".." or norm.startswith("../") or "\0" in norm:
+        raise UnsupportedFeature(
+            f"{where}: image file {name!r} is outside the bundle directory (refused)"
+        )
+    return norm
+
+
+def parse_descriptor(raw: bytes, where: str) -> Bundle:
+    """Parse DiskDescriptor.xml (bounded; no DTD, so no entity expansion)."""
+    if len(raw) > MAX_XML:
+        raise CorruptImage(f"{where}: descriptor of {len(raw)} bytes exceeds the limit {MAX_XML}")
+    low = raw.lower()
+    if b"<!doctype" in low or b"<!entity" in low:
+        raise UnsupportedFeature(f"{where}: descriptor has a DOCTYPE or ENTITY (refused)")
+    try:
+        root = ET.fromstring(raw)
+    except ET.ParseError as e:
+        raise CorruptImage(f"{where}: descriptor is not well-formed XML: {e}") from None
+    if root.tag != "Parallels_disk_image":
+        raise CorruptImage(f"{where}: root element is <{root.tag}>, not <Parallels_disk_image>")
+    params = root.find("Disk_Parameters")
+    if params is not None and params.findtext("Padding", "0").strip() not in ("", "0"):
+        raise UnsupportedFeature(f"{where}: Disk_Parameters Padding is not 0")
+    storages = root.findall("StorageData/Storage")
+    if len(storages) != 1:
+        raise UnsupportedFeature(
+            f"{where}: {len(storages)} Storage elements (split images are not supported)"
+        )
+    images: dict[str, tuple[str, str]] = {}
+    for im in storages[0].findall("Image"):
+        guid = _text(im, "GUID", where).lower()
+        kind = _text(im, "Type", where)
+        if kind not in ("Plain", "Compressed"):
+            raise UnsupportedFeature(f"{where}: image {guid} has Type {kind!r}")
+        images[guid] = (_safe_name(_text(im, "File", where), where), kind)
+    if len(images) > MAX_SHOTS:
+        raise CorruptImage(f"{where}: {len(images)} images exceed the limit {MAX_SHOTS}")
+    snaps = root.find("Snapshots")
+    if snaps is None:
+        raise CorruptImage(f"{where}: descriptor has no <Snapshots>")
+    parents: dict[str, str] = {}
+    for shot in snaps.findall("Shot"):
+        guid = _text(shot, "GUID", where).lower()
+        parent = _text(shot, "ParentGUID", where).lower()
+        for g in (guid, parent):
+            if not _GUID_RE.match(g):
+                raise CorruptImage(f"{where}: {g!r} is not a GUID in braces")
+        parents[guid] = parent
+    top = (snaps.findtext("TopGUID") or "").strip().lower() or TOP_GUID
+    if top not in parents:
+        if len(parents) == 1:
+            top = next(iter(parents))
+        else:
+            raise CorruptImage(f"{where}: top snapshot {top} is not among the Shots")
+    return Bundle(images, parents, top)
+
+
+def _looks_like_descriptor(head: bytes) -> bool:
+    return b"<Parallels_disk_image" in head[:4096]
+
+
+# -- the image -----------------------------------------------------------------------------------
+
+
+class ParallelsDriver(Driver):
+    name = "parallels"
+    aliases = ("hdd", "prl")
+    extensions = (".hdd", ".xml")
+    can_create = True
+
+    def __init__(self, storage: Storage, readonly: bool) -> None:
+        self.storage = storage
+        self.readonly = readonly
+        self.descriptor: Storage | None = None
+        self._dirty = False
+
+    @classmethod
+    def probe(cls, head: bytes, size: int) -> int:
+        if head[:16] in (MAGIC_OLD, MAGIC_EXT):
+            return 100
+        if _looks_like_descriptor(head):
+            return 100
+        return 0
+
+    @classmethod
+    def open(cls, storage: Storage, *, readonly: bool, options: dict[str, Any]) -> ParallelsDriver:
+        reject_unknown_options(cls.name, options, ())
+        head = storage.pread(0, 4096)
+        if head[:16] not in (MAGIC_OLD, MAGIC_EXT) and _looks_like_descriptor(head):
+            return cls._open_bundle(storage, readonly)
+        d = cls(storage, readonly)
+        d._load()
+        d.backing = d._parent_from_bundle()
+        return d
+
+    @classmethod
+    def _open_bundle(cls, desc: Storage, readonly: bool) -> ParallelsDriver:
+        """Open the top image that DiskDescriptor.xml names; its parent is the backing."""
+        where = desc.path
+        size = desc.size()
+        if size > MAX_XML:
+            raise CorruptImage(f"{where}: descriptor of {size} bytes exceeds the limit {MAX_XML}")
+        bundle = parse_descriptor(desc.pread(0, size), where)
+        chain = bundle.chain(bundle.top, where)
+        file, kind = bundle.images[chain[0]]
+        if kind != "Compressed":
+            raise UnsupportedFeature(f"{where}: the top image {file} is {kind}, not expandable")
+        st = desc.sibling(file, readonly=readonly)
+        try:
+            if not readonly:
+                st.lock(exclusive=True)
+            d = cls(st, readonly)
+            d._load()
+            if len(chain) > 1:
+                pfile, pkind = bundle.images[chain[1]]
+                d.backing = BackingRef(pfile, "parallels" if pkind == "Compressed" else "raw")
+        except BaseException:
+            st.close()
+            raise
+        d.descriptor = desc
+        return d
+
+    def _parent_from_bundle(self) -> BackingRef | None:
+        """The parent of this image, if a DiskDescriptor.xml beside it lists one."""
+        if not isinstance(self.storage, FileStorage):
+            return None
+        here = os.path.dirname(os.path.abspath(self.storage.path))
+        path = os.path.join(here, DESCRIPTOR)
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_XML + 1)
+        except OSError as e:
+            raise CorruptImage(f"{path}: cannot read: {e.strerror}") from None
+        bundle = parse_descriptor(raw, path)
+        guid = bundle.guid_of(os.path.basename(self.storage.path))
+        if guid is None or guid not in bundle.parents:
+            return None
+        chain = bundle.chain(guid, path)
+        if len(chain) < 2:
+            return None
+        pfile, pkind = bundle.images[chain[1]]
+        return BackingRef(pfile, "parallels" if pkind == "Compressed" else "raw")
+
+    def _load(self) -> None:
+        st = self.storage
+        where = st.path
+        fsize = st.size()
+        if fsize < HEADER.size:
+            raise CorruptImage(
+                f"{where}: file of {fsize} bytes is too short for a Parallels header"
+            )
+        (
+            magic,
+            version,
+            self.heads,
+            self.cylinders,
+            tracks,
+            nbat,
+            sectors,
+            self.in_use,
+            data_off,
+            self.flags,
+            self.ext_off,
+        ) = HEADER.unpack(st.pread_exact(0, HEADER.size, "Parallels header"))
+        if magic not in (MAGIC_OLD, MAGIC_EXT):
+            raise CorruptImage(f"{where}: bad Parallels magic {magic!r}")
+        if version != VERSION:
+            raise UnsupportedFeature(f"{where}: Parallels version {version} (only 2)")
+        self.magic = magic
+        if magic == MAGIC_OLD:
+            sectors &= 0xFFFFFFFF
+        cs = tracks * SECTOR
+        if tracks == 0 or cs > MAX_CLUSTER:
+            raise CorruptImage(
+                f"{where}: Parallels cluster of {tracks} sectors is outside (0, {MAX_CLUSTER >> 9}]"
+            )
+        size = sectors * SECTOR
+        if size == 0 or size > MAX_DISK:
+            raise CorruptImage(f"{where}: Parallels disk size {size} is outside (0, {MAX_DISK}]")
+        if nbat * cs < size:
+            raise CorruptImage(
+                f"{where}: {nbat} BAT entries of {cs}-byte clusters do not cover the disk ({size})"
+            )
+        bat_end = HEADER.size + 4 * nbat
+        if bat_end > fsize:
+            raise CorruptImage(
+                f"{where}: BAT of {nbat} entries ends at {bat_end}, past the end of the file ({fsize})"
+            )
+        if magic == MAGIC_EXT and data_off == 0:
+            raise CorruptImage(f"{where}: data_off is 0 in a WithouFreSpacExt image")
+        data = data_off * SECTOR if data_off else -(-bat_end // SECTOR) * SECTOR
+        if data < bat_end:
+            raise CorruptImage(
+                f"{where}: data offset {data} lies inside the BAT (which ends at {bat_end})"
+            )
+        self.size = size
+        self.cluster_size = cs
+        self.data_offset = data
+        self.unit = cs if magic == MAGIC_EXT else SECTOR  # what a BAT entry counts
+        self.bat = PagedTable(st, HEADER.size, nbat)
+        self.nbat = nbat
+        if self.flags & FLAG_EMPTY and not self.readonly:
+            self._begin_write()
+            st.pwrite(HEADER.size, bytes(4 * nbat))
+            self.bat = PagedTable(st, HEADER.size, nbat)
+            self.flags &= ~FLAG_EMPTY
+            st.pwrite(52, struct.pack("<I", self.flags))
+
+    # -- mapping ----------------------------------------------------------------------------------
+
+    def _host(self, idx: int) -> int | None:
+        if self.flags & FLAG_EMPTY:
+            return None
+        e = self.bat.get(idx)
+        if e == 0:
+            return None
+        host = e * self.unit
+        fsize = self.storage.size()
+        if host < self.data_offset or host >= fsize:
+            raise CorruptImage(
+                f"{self.storage.path}: BAT entry {idx} points at {host}, outside the data area "
+                f"({self.data_offset}..{fsize})"
+            )
+        return host
+
+    def read(self, offset: int, length: int) -> bytes:
+        out = bytearray()
+        for idx, within, n in cluster_spans(offset, length, self.cluster_size):
+            host = self._host(idx)
+            if host is None:
+                out += bytes(n)
+            else:
+                data = self.storage.pread(host + within, n)
+                out += data + bytes(n - len(data))  # a short last cluster reads as zeros
+        return bytes(out)
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        out = []
+        pos = offset
+        for idx, within, n in cluster_spans(offset, length, self.cluster_size):
+            host = self._host(idx)
+            if host is None:
+                out.append(Extent(Kind.HOLE, pos, n))
+            else:
+                out.append(Extent(Kind.DATA, pos, n, host + within))
+            pos += n
+        return merge_extents(out)
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def _begin_write(self) -> None:
+        if not self._dirty:
+            self.storage.pwrite(44, struct.pack("<I", IN_USE))
+            self.storage.sync()
+            self._dirty = True
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._begin_write()
+        view = memoryview(data)
+        pos = 0
+        for idx, within, n in cluster_spans(offset, len(data), self.cluster_size):
+            piece = view[pos : pos + n]
+            pos += n
+            host = self._host(idx)
+            if host is not None:
+                self.storage.pwrite(host + within, piece)
+            elif self.backing is not None or any(piece):
+                self._allocate(idx, within, piece)
+
+    def _allocate(self, idx: int, within: int, piece: memoryview) -> None:
+        cs = self.cluster_size
+        fsize = self.storage.size()
+        start = max(self.data_offset, fsize)
+        host = self.data_offset + -(-(start - self.data_offset) // cs) * cs
+        if self.ext_off:
+            ext = self.ext_off * SECTOR
+            if host <= ext < host + cs:
+                host = ext + cs
+        if host // self.unit > 0xFFFFFFFF:
+            raise UnsupportedFeature(
+                f"{self.storage.path}: cluster offset {host} does not fit a 32-bit BAT entry"
+            )
+        self.storage.truncate(host + cs)
+        self.storage.pwrite(host + within, piece)
+        self.bat.set(idx, host // self.unit)
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        self._begin_write()
+        for idx, within, n in cluster_spans(offset, length, self.cluster_size):
+            host = self._host(idx)
+            if host is not None:
+                self.storage.punch_hole(host + within, n)
+            elif self.backing is not None:
+                self._allocate(idx, within, memoryview(bytes(n)))
+
+    def discard(self, offset: int, length: int) -> None:
+        self.write_zeroes(offset, length, unmap=True)
+
+    def truncate(self, size: int) -> None:
+        where = self.storage.path
+        if size < self.size:
+            raise UnsupportedFeature(f"{where}: shrinking Parallels images is not supported")
+        if size % SECTOR:
+            raise UsageError(f"{where}: size {size} is not a multiple of 512")
+        nbat = -(-size // self.cluster_size)
+        room = (self.data_offset - HEADER.size) // 4
+        if nbat > room:
+            raise UnsupportedFeature(
+                f"{where}: growing to {nbat} clusters needs a BAT larger than the image has room "
+                f"for ({room} entries)"
+            )
+        if self.magic == MAGIC_OLD and size // SECTOR > 0xFFFFFFFF:
+            raise UnsupportedFeature(f"{where}: WithoutFreeSpace images are limited to 2 TiB")
+        self._begin_write()
+        if nbat > self.nbat:
+            self.storage.pwrite(HEADER.size + 4 * self.nbat, bytes(4 * (nbat - self.nbat)))
+        tail = self.size % self.cluster_size
+        if tail and self._host(self.nbat - 1) is not None:
+            end = min(size, self.nbat * self.cluster_size)
+            self.write_zeroes(self.size, end - self.size)
+        self.storage.sync()
+        self.storage.pwrite(32, struct.pack("<IQ", nbat, size // SECTOR))
+        self.nbat, self.size = nbat, size
+        self.bat = PagedTable(self.storage, HEADER.size, nbat)
+
+    def flush(self) -> None:
+        self.storage.sync()
+
+    def close(self) -> None:
+        try:
+            if self._dirty and not self.readonly and getattr(self.storage, "fd", 0) != -1:
+                self.storage.sync()
+                self.storage.pwrite(44, struct.pack("<I", CLOSED))
+                self.storage.sync()
+        finally:
+            self.storage.close()
+            if self.descriptor is not None:
+                self.descriptor.close()
+
+    # -- info, chains, check ----------------------------------------------------------------------
+
+    def verify_backing(self, backing: Driver) -> None:
+        if backing.size < self.size:
+            raise BackingMismatch(
+                f"{self.storage.path}: parent image {backing.storage.path} is {backing.size} "
+                f"bytes, smaller than this image ({self.size})"
+            )
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "magic": self.magic.decode(),
+            "cluster-size": self.cluster_size,
+            "in-use": self.in_use == IN_USE,
+            "bundle": self.descriptor.path if self.descriptor is not None else None,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return {"bat": self.bat.stats()}
+
+    def check(self, *, repair: bool = False) -> CheckReport:
+        """BAT entries inside the data area, cluster-aligned, each cluster used once."""
+        rep = CheckReport()
+        fsize = self.storage.size()
+        cs = self.cluster_size
+        slots = max(0, -(-(fsize - self.data_offset) // cs))
+        seen = bytearray(-(-slots // 8))
+        if self.in_use == IN_USE and not self._dirty:
+            rep.corruptions.append("image was not closed cleanly (in_use is set)")
+        for idx in range(self.nbat):
+            e = self.bat.get(idx)
+            if e == 0 or self.flags & FLAG_EMPTY:
+                continue
+            host = e * self.unit
+            if host < self.data_offset or host >= fsize:
+                rep.corruptions.append(f"BAT entry {idx}: offset {host} outside the data area")
+                continue
+            if (host - self.data_offset) % cs:
+                rep.corruptions.append(f"BAT entry {idx}: offset {host} is not cluster aligned")
+                continue
+            s = (host - self.data_offset) // cs
+            if seen[s >> 3] & (1 << (s & 7)):
+                rep.corruptions.append(f"BAT entry {idx}: cluster at {host} is used twice")
+            seen[s >> 3] |= 1 << (s & 7)
+        rep.info = {"clusters": self.nbat}
+        return rep
+
+    # -- creation -------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, storage: Storage, size: int, options: dict[str, Any]) -> None:
+        reject_unknown_options(cls.name, options, ("cluster_size", "backing", "backing_driver"))
+        if options.get("backing") is not None:
+            raise UnsupportedFeature(
+                "parallels: a single .hdd file cannot record a parent (Parallels keeps "
+                "snapshot chains in a DiskDescriptor.xml bundle)"
+            )
+        cs = options.get("cluster_size") or DEFAULT_CLUSTER
+        if cs < 4096 or cs > MAX_CLUSTER or cs % SECTOR:
+            raise UsageError(f"parallels: cluster size {cs} must be in [4096, {MAX_CLUSTER}]")
+        if size <= 0 or size > MAX_DISK:
+            raise UsageError(f"parallels: size {size} must be in (0, {MAX_DISK}]")
+        sectors = -(-size // SECTOR)
+        nbat = -(-sectors * SECTOR // cs)
+        if nbat > 0xFFFFFFFF:
+            raise UsageError(f"parallels: {nbat} clusters exceed the 32-bit BAT")
+        data = -(-(HEADER.size + 4 * nbat) // cs) * cs
+        heads, spt = 16, 32
+        cyl = max(1, sectors // (heads * spt))
+        hdr = HEADER.pack(
+            MAGIC_EXT, VERSION, heads, cyl, cs // SECTOR, nbat, sectors, 0, data // SECTOR, 0, 0
+        )
+        storage.pwrite(0, hdr)
+        storage.truncate(data)
+
+
+DRIVER = ParallelsDriver
