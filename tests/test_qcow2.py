@@ -677,3 +677,37 @@ def test_crash_at_every_sync_leaves_a_consistent_image(tmp_path, cs):
         for k in range(size // cs):
             chunk = data[k * cs : (k + 1) * cs]
             assert chunk == bytes([chunk[0]]) * cs and chunk[0] in written[k], (i, k)
+
+
+def test_set_backing_rewrites_header(tmp_path):
+    a, b, top = (str(tmp_path / n) for n in ("a.raw", "b.qcow2", "top.qcow2"))
+    Path(a).write_bytes(b"\x0a" * MiB)
+    qimg("create", "-q", "-f", "qcow2", b, "1M")
+    qio(b, "write -P 0x0b 0 1M")
+    qimg("create", "-q", "-f", "qcow2", "-b", "a.raw", "-F", "raw", top)
+    qio(top, "write -P 0x0c 64k 64k")
+    with closing(opened(top, readonly=False)) as d:
+        d.set_backing(BackingRef("b.qcow2", "qcow2"))
+    out = qimg("info", top).stdout
+    assert "backing file: b.qcow2" in out and "backing file format: qcow2" in out
+    qimg("check", top)
+    qio(top, "read -P 0x0b 0 64k", "read -P 0x0c 64k 64k", "read -P 0x0b 128k 896k")
+    with closing(opened(top, readonly=False)) as d:
+        d.set_backing(None)
+        assert d.backing is None
+    assert "backing file" not in qimg("info", top).stdout
+    qio(top, "read -P 0 0 64k", "read -P 0x0c 64k 64k")
+
+
+def test_allocation_never_overwrites_metadata_of_a_corrupt_image(tmp_path):
+    path = str(tmp_path / "m.qcow2")
+    qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", path, "1M")
+    qio(path, "write -P 1 0 8k")
+    with closing(opened(path, readonly=False)) as d:
+        d.refs.set(d.l1_offset // 4096, 0)  # the L1 table's cluster now looks free
+    before = Path(path).read_bytes()
+    d = opened(path, readonly=False)
+    with pytest.raises(CorruptImage, match="holds the L1 table"):
+        d.write(512 * KiB, b"\x02" * 4096)
+    d.storage.close()
+    assert Path(path).read_bytes()[: len(before)] == before

@@ -15,6 +15,7 @@ the refcounts it depends on are durable. A crash therefore leaks clusters at wor
 from __future__ import annotations
 
 import copy
+import io
 import struct
 import time
 import zlib
@@ -351,6 +352,8 @@ class Qcow2Driver(Driver):
             raise CorruptImage(f"{path}: nb_snapshots {nb_snap} over the limit {MAX_SNAPSHOTS}")
         self.snapshots_offset = snap_off
         self.snapshots = parse_table(storage, snap_off, nb_snap, cs)
+        self._snap_table_len = len(table_bytes(self.snapshots))
+        self.refs.guard = self._guard
 
         self.l2_cache: LRU[int, L2Table] = LRU(
             int(options.get("l2_cache_size", DEFAULT_L2_CACHE)),
@@ -373,6 +376,27 @@ class Qcow2Driver(Driver):
                 self.io.write(OFF_AUTOCLEAR, U64.pack(0))
                 self.io.barrier()
                 self.autoclear = 0
+
+    def _guard(self, c: int) -> None:
+        """Refuse to allocate a cluster that holds metadata (its refcount must be wrong):
+        writing there would destroy the image, as qemu's overlap checks guard against."""
+        cs = self.cluster_size
+        off = c * cs
+        spans = [
+            (0, cs, "the header"),
+            (self.l1_offset, self.l1_size * 8, "the L1 table"),
+            (self.refs.table_offset, self.refs.table_clusters * cs, "the refcount table"),
+        ]
+        if self.snapshots:
+            spans.append((self.snapshots_offset, self._snap_table_len, "the snapshot table"))
+        what = next((w for s, n, w in spans if s <= off < s + n), None)
+        if what is None and off in self.refs.blocks:
+            what = "a refcount block"
+        if what is not None:
+            raise CorruptImage(
+                f"{self.path}: cluster {c} (offset {off:#x}) holds {what} but its refcount is "
+                "0: the refcounts are corrupt (run check with repair)"
+            )
 
     # -- mapping -----------------------------------------------------------------------
 
@@ -506,7 +530,16 @@ class Qcow2Driver(Driver):
                         f"{self.path}: zstd-compressed clusters need the 'zstandard' Python "
                         "module (pip install zstandard)"
                     )
-                out = zstandard.ZstdDecompressor().decompressobj().decompress(data)[:cs]
+                # a stream reader stops at one cluster: a hostile frame cannot balloon
+                reader = zstandard.ZstdDecompressor().stream_reader(
+                    io.BytesIO(data), read_across_frames=False
+                )
+                out = b""
+                while len(out) < cs:
+                    chunk = reader.read(cs - len(out))
+                    if not chunk:
+                        break
+                    out += chunk
         except (zlib.error, getattr(zstandard, "ZstdError", zlib.error)) as e:
             raise CorruptImage(
                 f"{self.path}: compressed cluster at {off:#x} does not decompress: {e}"
@@ -1045,6 +1078,7 @@ class Qcow2Driver(Driver):
         self.io.write(OFF_SNAPSHOTS, struct.pack(">IQ", len(snaps), new_off))
         self.io.barrier()
         self.snapshots, self.snapshots_offset = snaps, new_off
+        self._snap_table_len = len(data)
         if old_off and old_len and self.snapshots_offset != old_off:
             self._pending_free.append((old_off, -(-old_len // cs) * cs))
 

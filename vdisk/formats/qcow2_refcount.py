@@ -131,6 +131,8 @@ class Refcounts:
         self.hint = 1  # no free cluster below this one (cluster 0, the header, never is)
         self.alloc_end = file_clusters  # clusters >= this are neither in the file nor allocated
         self.reserved = (0, 0)  # a range being laid out: find_free skips it
+        #: called with each cluster find_free hands out; raises if it holds metadata
+        self.guard: Callable[[int], None] | None = None
 
     # -- table -----------------------------------------------------------------------
 
@@ -158,6 +160,7 @@ class Refcounts:
         self.table_clusters = clusters
         self.table = be64_array(self.storage.pread_exact(offset, nbytes, "refcount table"))
         self.table_dirty: set[int] = set()
+        self.blocks = {e & RT_OFFSET_MASK for e in self.table if e & RT_OFFSET_MASK}
 
     # -- block entries -----------------------------------------------------------------
 
@@ -255,6 +258,8 @@ class Refcounts:
             if r0 <= c < r1:
                 continue
             break
+        if self.guard is not None:
+            self.guard(c)
         self.hint = c + 1
         self.alloc_end = max(self.alloc_end, c + 1)
         return c
@@ -326,6 +331,7 @@ class Refcounts:
 
     def _install(self, ti: int, offset: int, buf: bytearray) -> None:
         self.cache.put(offset, RefBlock(offset, buf, dirty=True))
+        self.blocks.add(offset)
         self.table[ti] = offset
         self.table_dirty.add(ti)
 
@@ -388,6 +394,7 @@ class Refcounts:
         self.io.barrier()
         old_off, old_clusters = self.table_offset, self.table_clusters
         self.table = new_table
+        self.blocks.update(new_table[ti] for ti in blocks)
         self.table_offset, self.table_clusters = start * cs, t_clusters
         self.table_dirty = set()
         self.alloc_end = max(self.alloc_end, start + t_clusters + len(missing))
@@ -471,6 +478,7 @@ class Refcounts:
         self.io.write(REFTABLE_LOC_AT, REFTABLE_LOC.pack(start * cs, t))
         self.io.barrier()
         self.table = table
+        self.blocks = {e for e in table if e}
         self.table_offset, self.table_clusters = start * cs, t
         self.table_dirty = set()
         self.hint = 1
