@@ -932,8 +932,7 @@ class NativeDriver(Driver):
             raise UsageError(f"{self.storage.path}: snapshot {name!r} already exists")
         if len(self.snapshots) >= MAX_SNAPSHOTS:
             raise UsageError(f"{self.storage.path}: too many snapshots ({MAX_SNAPSHOTS})")
-        self.changed = True  # a fresh image must have a committed (possibly empty) root
-        self.flush()
+        self.flush()  # the snapshot saves the committed root
         root = self.map.root
         if root.host:
             self._incref(root.host >> self.cluster_bits)

@@ -138,6 +138,7 @@ class _Walker:
                     if not self.entry_ok(e, what) or not e.host:
                         continue
                     self.refs[e.host >> d.cluster_bits] += 1
+                    self.lengths[e.host >> d.cluster_bits] = e.length
                     try:
                         child = rt.load(e, level - 1)
                     except VdiskError as err:
@@ -153,6 +154,7 @@ class _Walker:
             and self.entry_ok(rt.root, f"{d.storage.path}: refcount root")
         ):
             self.refs[rt.root.host >> d.cluster_bits] += 1
+            self.lengths[rt.root.host >> d.cluster_bits] = rt.root.length
             try:
                 root = rt.load(rt.root, rt.depth - 1)
             except VdiskError as err:
