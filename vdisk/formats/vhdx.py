@@ -151,6 +151,7 @@ MIN_BLOCK, MAX_BLOCK, DEFAULT_BLOCK = 1 * MiB, 256 * MiB, 8 * MiB
 MAX_DISK = 64 << 40  # 64 TiB, the spec's limit
 SECTOR_BITMAP_BLOCK = 1 * MiB
 BITMAP_CACHE = 4 << 20
+DIFF_CLUSTER = 64 * KiB
 
 
 # -- CRC-32C (Castagnoli), reflected, table driven --------------------------------------------
@@ -674,7 +675,9 @@ class VhdxDriver(Driver):
                 f"{nbat} entries the disk needs"
             )
         self.bat = PagedTable(st, self.bat_offset, nbat, "<Q")
-        self.cluster_size = min(bs, MiB)
+        # a differencing disk tracks presence per sector, so copy-up can be small; a dynamic
+        # disk's cluster is only the cache's unit
+        self.cluster_size = min(bs, DIFF_CLUSTER if self.has_parent else MiB)
         self.page83 = items.get(PAGE83_GUID, b"")[:16]
         self.locator: dict[str, str] = {}
         if self.has_parent:

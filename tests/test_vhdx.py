@@ -1,0 +1,364 @@
+"""VHDX against qemu-img 7.2: its images read byte-identically, ours pass its check and
+compare, differencing disks resolve through their parent, a dirty log is replayed (or
+applied in memory when read-only), hostile images give clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import struct
+import uuid
+from pathlib import Path
+
+import pytest
+
+import vdisk
+from tests.conftest import pattern
+from vdisk.errors import BackingMismatch, CorruptImage, UnsupportedFeature, VdiskError
+from vdisk.formats import vhdx
+from vdisk.formats.base import Kind
+from vdisk.storage import FileStorage
+
+MiB = 1 << 20
+
+
+def _open(path: str, readonly: bool = True) -> vhdx.VhdxDriver:
+    return vhdx.VhdxDriver.open(FileStorage(path, readonly=readonly), readonly=readonly, options={})
+
+
+def _qemu_raw(qemu_img, path: str, tmp_path: Path) -> bytes:
+    raw = tmp_path / "ref.raw"
+    qemu_img("convert", "-f", "vhdx", "-O", "raw", path, str(raw))
+    data = raw.read_bytes()
+    raw.unlink()
+    return data
+
+
+# writes that cross 1 MiB block boundaries, a sub-block write, a zeroed range
+QEMU_WRITES = [
+    "write -P 0x11 0 4k",
+    "write -P 0x22 1020k 8k",
+    "write -P 0x33 2560k 2m",
+    "write -P 0x44 5m 512",
+    "write -z 3m 64k",
+]
+
+
+@pytest.mark.parametrize("subformat,block", [("dynamic", "1M"), ("fixed", "1M"), ("dynamic", "8M")])
+def test_reads_qemu_images(tmp_path, qemu_img, qemu_io, subformat, block):
+    path = str(tmp_path / "q.vhdx")
+    qemu_img(
+        "create", "-q", "-f", "vhdx", "-o", f"subformat={subformat},block_size={block}", path, "9M"
+    )
+    qemu_io(*[a for w in QEMU_WRITES for a in ("-c", w)], path)
+    want = _qemu_raw(qemu_img, path, tmp_path)
+    d = _open(path)
+    try:
+        assert d.size == 9 * MiB
+        assert d.read(0, d.size) == want
+        # unaligned reads across block boundaries
+        for off, n in [(MiB - 100, 300), (2560 * 1024 - 1, 2 * MiB + 2), (5 * MiB + 511, 2)]:
+            assert d.read(off, n) == want[off : off + n]
+        for e in d.block_status(0, d.size):
+            if e.kind != Kind.DATA:
+                assert want[e.offset : e.end] == bytes(e.length)
+        assert d.check().exit_code == 0
+    finally:
+        d.close()
+    with vdisk.open(path, readonly=True) as disk:
+        assert disk.read(0, disk.size) == want
+
+
+@pytest.mark.parametrize("subformat", ["dynamic", "fixed"])
+def test_vdisk_writes_pass_qemu_check(tmp_path, qemu_img, subformat):
+    path = str(tmp_path / "v.vhdx")
+    size = 6 * MiB + 4096
+    vdisk.create(path, size, format="vhdx", cluster_size=MiB, options={"subformat": subformat})
+    model = bytearray(size)
+    rng = random.Random(subformat)
+    with vdisk.open(path, cache_mb=1) as d:
+        for step in range(40):
+            off = rng.randrange(0, size - 1)
+            n = min(rng.choice([1, 700, 4096, 70000, MiB + 3]), size - off)
+            if step % 7 == 6:
+                d.write_zeroes(off, n)
+                model[off : off + n] = bytes(n)
+            else:
+                data = pattern(off, n, seed=step)
+                d.write(off, data)
+                model[off : off + n] = data
+        d.discard(2 * MiB, MiB)
+        model[2 * MiB : 3 * MiB] = bytes(MiB)
+    ref = tmp_path / "ref.raw"
+    ref.write_bytes(model)
+    qemu_img("check", path)
+    qemu_img("compare", "-f", "vhdx", "-F", "raw", path, str(ref))
+    assert _qemu_raw(qemu_img, path, tmp_path) == bytes(model)
+    with vdisk.open(path, readonly=True) as d:
+        assert d.read(0, size) == bytes(model)
+        assert d.info()["format-specific"]["subformat"] == subformat
+
+
+def test_differencing(tmp_path):
+    base = str(tmp_path / "base.vhdx")
+    top = str(tmp_path / "top.vhdx")
+    size = 5 * MiB
+    vdisk.create(base, size, format="vhdx", cluster_size=MiB)
+    model = bytearray(size)
+    with vdisk.open(base) as d:
+        d.write(0, pattern(0, size, seed=1))
+        model[:] = pattern(0, size, seed=1)
+    before = Path(base).read_bytes()
+    vdisk.create(top, None, format="vhdx", backing="base.vhdx", cluster_size=MiB)
+    with vdisk.open(top, cache_mb=0) as d:
+        assert d.read(0, size) == bytes(model)
+        # sub-block writes (sector bitmap), a write across a block boundary, zeroes
+        for off, n, seed in [(4096, 8192, 2), (MiB - 512, 1024, 3), (3 * MiB, MiB, 4)]:
+            d.write(off, pattern(off, n, seed=seed))
+            model[off : off + n] = pattern(off, n, seed=seed)
+        d.write_zeroes(2 * MiB + 512, 1024)
+        model[2 * MiB + 512 : 2 * MiB + 1536] = bytes(1024)
+        d.write_zeroes(4 * MiB, MiB)
+        model[4 * MiB : 5 * MiB] = bytes(MiB)
+        assert d.read(0, size) == bytes(model)
+    drv = _open(top)
+    try:
+        assert drv.backing is not None and drv.backing.path == "base.vhdx"
+        kinds = {e.kind for e in drv.block_status(0, size)}
+        assert kinds == {Kind.DATA, Kind.HOLE, Kind.ZERO}
+        assert drv.check().exit_code == 0
+    finally:
+        drv.close()
+    with vdisk.open(top, readonly=True) as d:
+        assert d.read(0, size) == bytes(model)
+        assert d.info()["backing-chain"][0]["format"] == "vhdx"
+    assert Path(base).read_bytes() == before
+    # the parent changes: its DataWriteGuid changes, the child refuses it
+    with vdisk.open(base) as d:
+        d.write(0, b"x" * 512)
+    with pytest.raises(BackingMismatch, match="DataWriteGuid"):
+        vdisk.open(top, readonly=True)
+
+
+def test_parent_loop_is_an_error(tmp_path):
+    a, b, c = (str(tmp_path / n) for n in ("a.vhdx", "b.vhdx", "c.vhdx"))
+    vdisk.create(a, 2 * MiB, format="vhdx", cluster_size=MiB)
+    vdisk.create(b, None, format="vhdx", backing="a.vhdx")
+    vdisk.create(c, None, format="vhdx", backing="b.vhdx")
+    os.replace(c, a)  # a is now a child of b, and b a child of a
+    with pytest.raises(BackingMismatch):
+        vdisk.open(b, readonly=True)
+
+
+# -- the log -----------------------------------------------------------------------------------
+
+
+def _log_entry(seq: int, guid: bytes, writes: list, flushed: int, last: int) -> bytes:
+    """A log entry per the spec: header, descriptors, then one data sector per 4 KiB written."""
+    ndesc = len(writes)
+    dsec = -(-(64 + 32 * ndesc) // 4096)
+    data = [w for w in writes if w[1] is not None]
+    length = (dsec + len(data)) * 4096
+    buf = bytearray(length)
+    vhdx.LOG_HDR.pack_into(buf, 0, b"loge", 0, length, 0, seq, ndesc, 0, guid, flushed, last)
+    k = 0
+    for i, (off, payload) in enumerate(writes):
+        at = 64 + 32 * i
+        if payload is None:
+            vhdx.LOG_DESC.pack_into(buf, at, b"zero", 0, 4096, off, seq)
+        else:
+            lead = struct.unpack_from("<Q", payload, 0)[0]
+            trail = struct.unpack_from("<I", payload, 4092)[0]
+            vhdx.LOG_DESC.pack_into(buf, at, b"desc", trail, lead, off, seq)
+            vhdx.LOG_DATA.pack_into(
+                buf, (dsec + k) * 4096, b"data", seq >> 32, payload[8:4092], seq & 0xFFFFFFFF
+            )
+            k += 1
+    return bytes(vhdx._with_checksum(buf))
+
+
+def _make_dirty(path: str) -> tuple[bytes, int]:
+    """Put a log entry that rewrites one 4 KiB page and zeroes another into the log of
+    ``path`` and point the header at it. Returns the page written and its guest offset."""
+    d = _open(path)
+    host = d.block_status(0, d.size)[0].host
+    h, slot = d.header, d.header_slot
+    d.close()
+    assert host is not None
+    page = bytes(range(256)) * 16
+    guid = uuid.uuid4().bytes_le
+    fsize = os.path.getsize(path)
+    entry = _log_entry(7, guid, [(host + 8192, page), (host + 4096 * 5, None)], fsize, fsize)
+    with open(path, "r+b") as f:
+        f.seek(h.log_offset)
+        f.write(entry)
+        h.log_guid = guid
+        h.seq += 1
+        f.seek(vhdx.HEADER_OFFSETS[1 - slot])
+        f.write(h.pack())
+    return page, 8192
+
+
+def test_dirty_log_applied_in_memory_and_replayed(tmp_path, qemu_img, qemu_io):
+    path = str(tmp_path / "log.vhdx")
+    qemu_img("create", "-q", "-f", "vhdx", "-o", "block_size=1M", path, "3M")
+    qemu_io("-c", "write -P 0x5a 0 3M", path)
+    page, at = _make_dirty(path)
+    want = bytearray(b"\x5a" * 3 * MiB)
+    want[at : at + 4096] = page
+    want[5 * 4096 : 6 * 4096] = bytes(4096)
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    # qemu agrees on what the log says: let it replay a copy (a read-write open does)
+    copy = str(tmp_path / "copy.vhdx")
+    shutil.copy(path, copy)
+    qemu_io("-c", "read 0 512", copy)
+    assert _qemu_raw(qemu_img, copy, tmp_path) == bytes(want)
+
+    d = _open(path)  # read-only: applied in memory, the file is untouched
+    try:
+        assert d.info()["log-applied-in-memory"]
+        assert d.read(0, d.size) == bytes(want)
+    finally:
+        d.close()
+    assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == digest
+
+    with vdisk.open(path) as disk:  # writable: replayed, LogGuid cleared
+        assert disk.read(0, disk.size) == bytes(want)
+    d = _open(path)
+    try:
+        assert not any(d.header.log_guid)
+        assert d.read(0, d.size) == bytes(want)
+    finally:
+        d.close()
+    qemu_img("check", path)
+    assert _qemu_raw(qemu_img, path, tmp_path) == bytes(want)
+
+
+def test_torn_log_entry_is_ignored(tmp_path, qemu_img, qemu_io):
+    path = str(tmp_path / "torn.vhdx")
+    qemu_img("create", "-q", "-f", "vhdx", "-o", "block_size=1M", path, "2M")
+    qemu_io("-c", "write -P 0x5a 0 2M", path)
+    _make_dirty(path)
+    d = _open(path)
+    log_off = d.header.log_offset
+    d.close()
+    with open(path, "r+b") as f:  # corrupt the data sector: the entry's CRC no longer matches
+        f.seek(log_off + 4096 + 100)
+        f.write(b"\xff\xfe")
+    d = _open(path)
+    try:
+        assert d.read(0, d.size) == b"\x5a" * 2 * MiB
+    finally:
+        d.close()
+
+
+# -- hostile images ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small(tmp_path, qemu_img, qemu_io) -> str:
+    path = str(tmp_path / "h.vhdx")
+    qemu_img("create", "-q", "-f", "vhdx", "-o", "block_size=1M", path, "4M")
+    qemu_io("-c", "write -P 0x33 0 2M", path)
+    return path
+
+
+def _patch(path: str, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def _reregion(path: str, fix) -> None:
+    """Change the region tables with ``fix(bytearray)`` and restore their CRC."""
+    with open(path, "r+b") as f:
+        for off in vhdx.REGION_OFFSETS:
+            f.seek(off)
+            buf = bytearray(f.read(vhdx.REGION_SIZE))
+            fix(buf)
+            f.seek(off)
+            f.write(vhdx._with_checksum(buf))
+
+
+def _expect(path: str, exc=CorruptImage, match: str | None = None) -> None:
+    with pytest.raises(exc, match=match):
+        d = _open(path)
+        try:
+            d.read(0, d.size)
+        finally:
+            d.close()
+
+
+def test_truncated(small):
+    os.truncate(small, 100_000)
+    _expect(small)
+
+
+def test_wrong_magic(small):
+    _patch(small, 0, b"vhdxfilX")
+    assert vhdx.VhdxDriver.probe(Path(small).read_bytes()[:65536], 0) == 0
+    _expect(small, match="file identifier")
+
+
+def test_bad_header_crc(small):
+    for off in vhdx.HEADER_OFFSETS:
+        _patch(small, off + 40, b"\x01\x02")
+    _expect(small, match="CRC")
+
+
+def test_region_past_end(small):
+    def fix(buf):
+        for i in range(2):
+            at = 16 + 32 * i
+            guid, _off, length, fl = vhdx.REGION_ENTRY.unpack_from(buf, at)
+            if guid == vhdx.BAT_GUID:
+                vhdx.REGION_ENTRY.pack_into(buf, at, guid, 1 << 40, length, fl)
+
+    _reregion(small, fix)
+    _expect(small, match="past the end")
+
+
+def test_bat_entry_past_end(small):
+    d = _open(small)
+    bat = d.bat_offset
+    d.close()
+    _patch(small, bat, struct.pack("<Q", (1 << 30) << 20 | vhdx.FULLY_PRESENT))
+    _expect(small, match="BAT entry of block 0")
+
+
+def test_huge_size_and_log(small):
+    d = _open(small)
+    meta = d._meta_item_offset(vhdx.DISK_SIZE_GUID)
+    h, slot = d.header, d.header_slot
+    d.close()
+    _patch(small, meta, struct.pack("<Q", 1 << 62))
+    _expect(small, match="virtual disk size")
+    _patch(small, meta, struct.pack("<Q", 4 * MiB))
+    h.log_guid = uuid.uuid4().bytes_le
+    h.log_length = 1 << 31
+    h.seq += 5
+    _patch(small, vhdx.HEADER_OFFSETS[slot], h.pack())
+    _expect(small, UnsupportedFeature, match="log")
+
+
+def test_big_disk_bounded_memory(tmp_path):
+    path = str(tmp_path / "big.vhdx")
+    size = 16 << 40
+    vdisk.create(path, size, format="vhdx", cluster_size=256 * MiB)
+    with vdisk.open(path, cache_mb=1) as d:
+        d.write(size - 4096, b"z" * 4096)
+        d.write(0, b"a" * 4096)
+        assert d.read(size - 4096, 4096) == b"z" * 4096
+        assert d.read(size // 2, 4096) == bytes(4096)
+        assert d.driver.stats()["bat"]["bytes"] <= 4 << 20
+    assert os.stat(path).st_blocks * 512 < 64 * MiB
+
+
+def test_errors_are_vdisk_errors(tmp_path):
+    p = tmp_path / "junk.vhdx"
+    p.write_bytes(b"vhdxfile" + os.urandom(2 * MiB))
+    with pytest.raises(VdiskError):
+        vdisk.open(str(p), readonly=True)
