@@ -383,9 +383,13 @@ def test_api_roundtrip_and_growth(tmp_path):
     qimg("compare", "-f", "qcow2", "-F", "raw", path, str(raw))
     with closing(opened(path, readonly=False)) as d:
         assert d.size == 40 * MiB
-        d.truncate(39 * MiB + 200000)  # only unallocated clusters go: allowed
-        with pytest.raises(UnsupportedFeature):
-            d.truncate(MiB)
+        d.truncate(MiB - 1000)  # frees what lies past the end, zeroes the tail cluster
+        d.truncate(40 * MiB)
+        assert d.read(MiB - 4000, 4000) == bytes(1000) + pattern(MiB - 3000, 2000) + bytes(1000)
+    ref[MiB - 1000 :] = bytes(len(ref) - MiB + 1000)
+    raw.write_bytes(ref)
+    assert qimg("check", path).stdout.count("leaked") == 0
+    qimg("compare", "-f", "qcow2", "-F", "raw", path, str(raw))
 
 
 def test_write_to_qemu_zero_and_extl2_images(tmp_path):

@@ -777,13 +777,10 @@ class Qcow2Driver(Driver):
 
     def truncate(self, size: int) -> None:
         self._check_writable()
+        if size < 0:
+            raise UsageError(f"{self.path}: negative size {size}")
         if size < self.size:
-            ext = self.block_status(size, self.size - size)
-            if any(e.kind != Kind.HOLE for e in ext):
-                raise UnsupportedFeature(
-                    f"{self.path}: shrinking a qcow2 image over allocated clusters "
-                    f"(from {self.size} to {size}) is not supported"
-                )
+            self._drop_tail(size)
         cs = self.cluster_size
         needed = -(-size // (cs * self.l2_entries))
         if needed * 8 > MAX_L1_BYTES:
@@ -811,6 +808,32 @@ class Qcow2Driver(Driver):
         self.size = size
         self.flush()
         self.io.barrier()
+
+    def _drop_tail(self, size: int) -> None:
+        """Before shrinking to ``size``: free every cluster past it and zero the rest of
+        the last one, so that growing again later shows zeros, never old data."""
+        cs = self.cluster_size
+        if size % cs and any(
+            k in (DATA, COMPRESSED)
+            for k, *_ in self._runs(size, min(self.size, size - size % cs + cs) - size)
+        ):
+            gidx, within = divmod(size, cs)
+            n = min(cs, self.size - gidx * cs) - within
+            self._write_cluster(gidx, within, memoryview(bytes(n)))
+        span = cs * self.l2_entries
+        gidx = -(-size // cs)
+        end = -(-self.size // cs)
+        while gidx < end:
+            l1i = gidx // self.l2_entries
+            if l1i >= len(self.l1) or not self.l1[l1i] & L1E_OFFSET_MASK:
+                gidx = (l1i + 1) * span // cs
+                continue
+            entry, bm = self._entry(gidx)
+            if entry or bm:
+                t, l2i = self._l2_for_write(gidx)
+                self._drop(self._entry_of(t, l2i))
+                self._set_entry(t, l2i, 0, 0)
+            gidx += 1
 
     # -- creation --------------------------------------------------------------------------
 
