@@ -437,3 +437,30 @@ def test_probe_and_options(tmp_path):
         _driver(p, size_calc="nope")
     with pytest.raises(UsageError):
         _driver(p, bogus=1)
+
+
+def test_commit_rebase_flatten(tmp_path, qemu_img):
+    """The generic chain operations over VHD's set_backing: commit into the parent, rebase
+    onto a copy, flatten to a plain dynamic disk that qemu reads equal."""
+    from vdisk import ops
+
+    parent, child, model = _chain(tmp_path)
+    assert ops.commit(child) > 0
+    with vdisk.open(parent, readonly=True) as d:
+        assert d.read(0, SIZE) == model
+    with vdisk.open(child, readonly=True) as d:
+        assert d.read(0, SIZE) == model
+    other = str(tmp_path / "other.vhd")
+    vdisk.create(other, SIZE, format="vhd")
+    ops.rebase(child, other)  # safe mode: the child keeps its content
+    with vdisk.open(child, readonly=True) as d:
+        assert d.driver.backing is not None and d.driver.backing.path == "other.vhd"
+        assert d.read(0, SIZE) == model
+    ops.flatten(child)
+    os.unlink(other)
+    with vdisk.open(child, readonly=True) as d:
+        assert d.driver.backing is None and d.driver.info()["subformat"] == "dynamic"
+        assert d.read(0, SIZE) == model
+    ref = str(tmp_path / "ref.raw")
+    _put(ref, model)
+    qemu_img("compare", "-f", "vpc", "-F", "raw", child, ref)

@@ -462,3 +462,40 @@ def test_grain_table_cache_is_bounded(tmp_path):
         assert st["bytes"] <= 64 * 2048 and st["evictions"] > 0
     finally:
         d.close()
+
+
+def test_commit_rebase_flatten(tmp_path, qemu_img):
+    """The generic chain operations over VMDK's set_backing (parentCID and
+    parentFileNameHint rewritten in the embedded descriptor)."""
+    from vdisk import ops
+
+    base = str(tmp_path / "base.vmdk")
+    vdisk.create(base, 8 * M, format="vmdk")
+    model = bytearray(pattern(0, 8 * M, seed=1))
+    with vdisk.open(base) as d:
+        d.write(0, bytes(model))
+    child = str(tmp_path / "child.vmdk")
+    vdisk.create(child, None, format="vmdk", backing="base.vmdk")
+    with vdisk.open(child) as d:
+        d.write(64 * K - 512, b"\x22" * 1024)
+    model[64 * K - 512 : 64 * K + 512] = b"\x22" * 1024
+    assert ops.commit(child) > 0
+    for p in (base, child):  # the child is pinned to the base's new CID
+        with vdisk.open(p, readonly=True) as d:
+            assert d.read(0, 8 * M) == model
+    other = str(tmp_path / "other.vmdk")
+    vdisk.create(other, 8 * M, format="vmdk")
+    ops.rebase(child, other)
+    with vdisk.open(child, readonly=True) as d:
+        assert d.driver.backing is not None and d.driver.backing.path == "other.vmdk"
+        assert d.read(0, 8 * M) == model
+    ops.flatten(child)
+    os.unlink(other)
+    with vdisk.open(child, readonly=True) as d:
+        assert d.driver.backing is None
+        assert d.read(0, 8 * M) == model
+    assert "parentFileNameHint" not in _read(child)[512 : 21 * 512].decode("latin-1")
+    assert qemu_img("check", child, check=False).returncode == 0
+    ref = str(tmp_path / "ref.raw")
+    _put(ref, model)
+    qemu_img("compare", "-f", "vmdk", "-F", "raw", child, ref)

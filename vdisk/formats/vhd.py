@@ -42,7 +42,13 @@ import uuid
 from typing import Any
 
 from vdisk.cache.lru import LRU
-from vdisk.errors import BackingMismatch, CorruptImage, UnsupportedFeature, UsageError
+from vdisk.errors import (
+    BackingMismatch,
+    CorruptImage,
+    ReadOnlyImage,
+    UnsupportedFeature,
+    UsageError,
+)
 from vdisk.formats.base import (
     BackingRef,
     CheckReport,
@@ -612,6 +618,58 @@ class VhdDriver(Driver):
     def unique_id(self) -> bytes:
         return self.footer.uuid
 
+    def set_backing(self, ref: BackingRef | None, backing: Driver | None = None) -> None:
+        """Make this a differencing disk of ``ref`` (pinned to ``backing``'s unique id when
+        given), or a plain dynamic disk with ``ref`` None. New locators go where the
+        footer was (the old ones are left unused); the header and both footer copies are
+        rewritten in the order that keeps every crash point openable."""
+        where = self.storage.path
+        if self.readonly:
+            raise ReadOnlyImage(f"{where}: opened read-only")
+        if self.type == TYPE_FIXED:
+            raise UnsupportedFeature(f"{where}: a fixed VHD cannot have a parent")
+        if ref is not None and (
+            ref.format not in (None, "vhd", "vpc")
+            or (backing is not None and not isinstance(backing, VhdDriver))
+        ):
+            raise UnsupportedFeature(f"{where}: the parent of a VHD must be a VHD")
+        if isinstance(backing, VhdDriver) and backing.size != self.size:
+            raise UnsupportedFeature(
+                f"{where}: parent {backing.storage.path} is {backing.size} bytes, this disk "
+                f"{self.size} (a differencing disk has its parent's size)"
+            )
+        st = self.storage
+        self.flush()
+        puid, pts, pname, locators = bytes(16), 0, b"", b""
+        if ref is not None:
+            parent = backing if isinstance(backing, VhdDriver) else None
+            puid, pts, pname, locators, loc_data = _parent_fields(st, ref, parent, self.footer_pos)
+            new_pos = self.footer_pos + len(loc_data)
+            st.pwrite(self.footer_pos, loc_data + self.footer.raw)
+            st.sync()
+            self.footer_pos = new_pos
+        hdr = _pack_header(
+            self.bat_offset, self.max_entries, self.block_size, puid, pts, pname, locators
+        )
+        raw = bytearray(self.footer.raw)
+        raw[60:64] = struct.pack(">I", TYPE_DIFF if ref is not None else TYPE_DYNAMIC)
+        raw[FOOTER_CSUM_AT : FOOTER_CSUM_AT + 4] = struct.pack(">I", checksum(raw, FOOTER_CSUM_AT))
+        footer = bytes(raw)
+        steps = [
+            lambda: st.pwrite(self.footer.data_offset, hdr),
+            lambda: (st.pwrite(self.footer_pos, footer), st.pwrite(0, footer)),
+        ]
+        if ref is None:  # become dynamic first: stale parent fields are then ignored
+            steps.reverse()
+        for step in steps:
+            step()
+            st.sync()
+        self.footer = _Footer(footer)
+        self.type = self.footer.type
+        self.header_raw = hdr
+        self.parent_uuid = puid
+        self.backing = BackingRef(ref.path, "vhd") if ref is not None else None
+
     def verify_backing(self, backing: Driver) -> None:
         where = self.storage.path
         if not isinstance(backing, VhdDriver):
@@ -623,7 +681,7 @@ class VhdDriver(Driver):
                 raise BackingMismatch(f"{where}: the parent locator names the image itself")
         except OSError:
             pass
-        if backing.unique_id != self.parent_uuid:
+        if self.parent_uuid != bytes(16) and backing.unique_id != self.parent_uuid:
             raise BackingMismatch(
                 f"{where}: parent unique id is {uuid.UUID(bytes=self.parent_uuid)} but "
                 f"{backing.storage.path} has {uuid.UUID(bytes=backing.unique_id)} "
@@ -784,35 +842,32 @@ def _weigh(v: Any) -> int:
     return len(v) * (8 if isinstance(v, list) else 1)
 
 
-def _write_dynamic(
-    st: Storage,
-    footer: bytes,
-    size: int,
-    block: int,
-    parent: VhdDriver | None,
-    ref: BackingRef | None,
-) -> None:
-    """Footer copy, dynamic header, BAT (all unused), parent locators, footer."""
-    entries = (size + block - 1) // block
-    bat_at = FOOTER_SIZE + DYN_HEADER_SIZE
-    pos = bat_at + (entries * 4 + SECTOR - 1) // SECTOR * SECTOR
-    locators = b""
-    loc_data = b""
-    puid, pts, pname = bytes(16), 0, b""
-    if parent is not None and ref is not None:
-        puid, pts = parent.footer.uuid, parent.footer.timestamp
-        rel = ref.path.replace("/", "\\")
-        if not os.path.isabs(ref.path) and not rel.startswith(("..", ".\\")):
-            rel = ".\\" + rel
-        absolute = st.resolve(ref.path) if isinstance(st, FileStorage) else ref.path
-        pname = os.path.basename(ref.path).encode("utf-16-be")[:510]
-        for code, text in ((W2RU, rel), (W2KU, absolute)):
-            data = text.encode("utf-16-le")
-            space = (len(data) + SECTOR - 1) // SECTOR * SECTOR
-            # the space field holds bytes, as Virtual PC and Hyper-V write it
-            locators += LOCATOR.pack(struct.unpack(">I", code)[0], space, len(data), 0, pos)
-            loc_data += data.ljust(space, b"\0")
-            pos += space
+def _parent_fields(
+    st: Storage, ref: BackingRef, parent: VhdDriver | None, pos: int
+) -> tuple[bytes, int, bytes, bytes, bytes]:
+    """Parent unique id, timestamp, UTF-16BE name, locator entries and locator data (to be
+    written at ``pos``). Without an open parent the id is zero: named but not pinned."""
+    puid = parent.footer.uuid if parent is not None else bytes(16)
+    pts = parent.footer.timestamp if parent is not None else 0
+    rel = ref.path.replace("/", "\\")
+    if not os.path.isabs(ref.path) and not rel.startswith(("..", ".\\")):
+        rel = ".\\" + rel
+    absolute = st.resolve(ref.path) if isinstance(st, FileStorage) else ref.path
+    pname = os.path.basename(ref.path).encode("utf-16-be")[:510]
+    locators = loc_data = b""
+    for code, text in ((W2RU, rel), (W2KU, absolute)):
+        data = text.encode("utf-16-le")
+        space = (len(data) + SECTOR - 1) // SECTOR * SECTOR
+        # the space field holds bytes, as Virtual PC and Hyper-V write it
+        locators += LOCATOR.pack(struct.unpack(">I", code)[0], space, len(data), 0, pos)
+        loc_data += data.ljust(space, b"\0")
+        pos += space
+    return puid, pts, pname, locators, loc_data
+
+
+def _pack_header(
+    bat_at: int, entries: int, block: int, puid: bytes, pts: int, pname: bytes, locators: bytes
+) -> bytes:
     hdr = bytearray(
         DYN_HEADER.pack(
             DYN_COOKIE,
@@ -831,9 +886,28 @@ def _write_dynamic(
         + bytes(256)
     )
     hdr[DYN_CSUM_AT : DYN_CSUM_AT + 4] = struct.pack(">I", checksum(hdr, DYN_CSUM_AT))
-    bat = b"\xff" * (entries * 4)
-    st.pwrite(0, footer + bytes(hdr) + bat.ljust(pos - bat_at - len(loc_data), b"\0") + loc_data)
-    st.pwrite(pos, footer)
+    return bytes(hdr)
+
+
+def _write_dynamic(
+    st: Storage,
+    footer: bytes,
+    size: int,
+    block: int,
+    parent: VhdDriver | None,
+    ref: BackingRef | None,
+) -> None:
+    """Footer copy, dynamic header, BAT (all unused), parent locators, footer."""
+    entries = (size + block - 1) // block
+    bat_at = FOOTER_SIZE + DYN_HEADER_SIZE
+    pos = bat_at + (entries * 4 + SECTOR - 1) // SECTOR * SECTOR
+    puid, pts, pname, locators, loc_data = bytes(16), 0, b"", b"", b""
+    if ref is not None:
+        puid, pts, pname, locators, loc_data = _parent_fields(st, ref, parent, pos)
+    hdr = _pack_header(bat_at, entries, block, puid, pts, pname, locators)
+    bat = (b"\xff" * (entries * 4)).ljust(pos - bat_at, b"\0")
+    st.pwrite(0, footer + hdr + bat + loc_data)
+    st.pwrite(pos + len(loc_data), footer)
 
 
 DRIVER = VhdDriver

@@ -168,6 +168,16 @@ class Descriptor:
     def create_type(self) -> str:
         return self.fields.get("createType", "")
 
+    def without_field(self, key: str) -> str:
+        """The descriptor text with every ``key=...`` line removed."""
+        out = []
+        for line in self.lines:
+            m = KEY_LINE.match(line.strip())
+            if m and m.group(1) == key and not line.lstrip().startswith("#"):
+                continue
+            out.append(line)
+        return "\n".join(out).rstrip("\n") + "\n"
+
     def with_field(self, key: str, value: str) -> str:
         """The descriptor text with ``key`` set (replaced in place, or added after CID)."""
         out, done = [], False
@@ -866,11 +876,11 @@ class VmdkDriver(Driver):
             _ = self.desc.cid  # validates the field
             pcid = self.desc.parent_cid
             hint = self.desc.fields.get("parentFileNameHint")
-            if pcid is not None and pcid != 0xFFFF_FFFF:
-                if not hint:
-                    raise CorruptImage(
-                        f"{where}: parentCID is {pcid:08x} but no parentFileNameHint names the parent"
-                    )
+            if pcid is not None and pcid != 0xFFFF_FFFF and not hint:
+                raise CorruptImage(
+                    f"{where}: parentCID is {pcid:08x} but no parentFileNameHint names the parent"
+                )
+            if hint:  # as qemu: the hint makes the parent; parentCID ffffffff = not pinned
                 self.backing = BackingRef(hint, "vmdk")
                 self.has_parent = True
         self.size = sum(e.length for e in self.extents)
@@ -994,14 +1004,59 @@ class VmdkDriver(Driver):
             cid = secrets.randbits(32)
         text = self.desc.with_field("CID", f"{cid:08x}").encode()
         h = self.desc_embedded
+        if h is not None and len(text) >= h.desc_size * SECTOR:
+            return  # no room to grow the descriptor: keep the old CID
+        self._write_descriptor(text)
+
+    def _write_descriptor(self, text: bytes) -> None:
+        h = self.desc_embedded
         if h is not None:
             if len(text) >= h.desc_size * SECTOR:
-                return  # no room to grow the descriptor: keep the old CID
+                raise UnsupportedFeature(
+                    f"{self.storage.path}: the new descriptor ({len(text)} bytes) does not fit "
+                    f"its {h.desc_size * SECTOR}-byte slot"
+                )
             self.storage.pwrite(h.desc_offset * SECTOR, text.ljust(h.desc_size * SECTOR, b"\0"))
         else:
             self.storage.pwrite(0, text)
             self.storage.truncate(len(text))
         self.desc = parse_descriptor(text, self.storage.path)
+
+    def set_backing(self, ref: BackingRef | None, backing: Driver | None = None) -> None:
+        """Rewrite parentCID and parentFileNameHint. With a ref but no open ``backing`` the
+        parent is named but not pinned (parentCID ffffffff: any CID is accepted)."""
+        where = self.storage.path
+        if self.readonly:
+            raise ReadOnlyImage(f"{where}: opened read-only")
+        if self.desc is None:
+            raise UnsupportedFeature(
+                f"{where}: a bare sparse extent has no descriptor for a parent"
+            )
+        pcid, hint = 0xFFFF_FFFF, None
+        if ref is not None:
+            if ref.format not in (None, "vmdk") or (
+                backing is not None and not isinstance(backing, VmdkDriver)
+            ):
+                raise UnsupportedFeature(f"{where}: the parent of a VMDK must be a VMDK")
+            if _bad_hint(ref.path):
+                raise UsageError(
+                    f"{where}: parent path {ref.path!r} contains a quote or control character"
+                )
+            if isinstance(backing, VmdkDriver) and backing.cid is not None:
+                pcid = backing.cid
+            hint = ref.path
+        self.flush()
+        text = self.desc.with_field("parentCID", f"{pcid:08x}")
+        desc = parse_descriptor(text.encode(), where)
+        text = (
+            desc.with_field("parentFileNameHint", f'"{hint}"')
+            if hint
+            else desc.without_field("parentFileNameHint")
+        )
+        self._write_descriptor(text.encode())
+        self.storage.sync()
+        self.backing = BackingRef(hint, "vmdk") if hint else None
+        self.has_parent = hint is not None
 
     @property
     def cid(self) -> int | None:
@@ -1019,6 +1074,8 @@ class VmdkDriver(Driver):
         except OSError:
             pass
         want = self.desc.parent_cid if self.desc else None
+        if want == 0xFFFF_FFFF:
+            return  # not pinned (set while a commit into the parent was under way)
         if want != backing.cid:
             have = "none" if backing.cid is None else f"{backing.cid:08x}"
             raise BackingMismatch(
