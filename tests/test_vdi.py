@@ -1,0 +1,233 @@
+"""VDI against qemu-img 7.2: its images read byte-identically, ours pass its check and
+compare, differencing images find their parent by UUID, hostile headers give clear errors."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import uuid
+from pathlib import Path
+
+import pytest
+
+import vdisk
+from tests.conftest import pattern
+from vdisk.errors import BackingMismatch, CorruptImage, VdiskError
+from vdisk.formats import vdi
+from vdisk.formats.base import Kind
+from vdisk.storage import FileStorage
+
+MiB = 1 << 20
+
+
+def _open(path: str, readonly: bool = True, **options) -> vdi.VdiDriver:
+    return vdi.VdiDriver.open(
+        FileStorage(path, readonly=readonly), readonly=readonly, options=options
+    )
+
+
+def _qemu_raw(qemu_img, path: str, tmp_path: Path) -> bytes:
+    raw = tmp_path / "ref.raw"
+    qemu_img("convert", "-f", "vdi", "-O", "raw", path, str(raw))
+    data = raw.read_bytes()
+    raw.unlink()
+    return data
+
+
+@pytest.mark.parametrize("static", ["off", "on"])
+def test_reads_qemu_images(tmp_path, qemu_img, qemu_io, static):
+    path = str(tmp_path / "q.vdi")
+    qemu_img("create", "-q", "-f", "vdi", "-o", f"static={static}", path, "7M")
+    writes = [
+        "write -P 0x11 0 4k",
+        "write -P 0x22 1020k 8k",
+        "write -P 0x33 2560k 2m",
+        "write -z 3m 64k",
+    ]
+    qemu_io(*[a for w in writes for a in ("-c", w)], path)
+    want = _qemu_raw(qemu_img, path, tmp_path)
+    d = _open(path)
+    try:
+        assert d.size == 7 * MiB
+        assert d.read(0, d.size) == want
+        for off, n in [(MiB - 100, 300), (2560 * 1024 - 1, 2 * MiB + 2)]:
+            assert d.read(off, n) == want[off : off + n]
+        for e in d.block_status(0, d.size):
+            if e.kind != Kind.DATA:
+                assert want[e.offset : e.end] == bytes(e.length)
+        assert d.check().exit_code == 0
+        assert d.info()["subformat"] == ("static" if static == "on" else "dynamic")
+    finally:
+        d.close()
+    with vdisk.open(path, readonly=True) as disk:
+        assert disk.read(0, disk.size) == want
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_vdisk_writes_pass_qemu_check(tmp_path, qemu_img, qemu_io, static):
+    path = str(tmp_path / "v.vdi")
+    size = 6 * MiB + 4096
+    vdisk.create(path, size, format="vdi", options={"static": static})
+    model = bytearray(size)
+    rng = random.Random(str(static))
+    with vdisk.open(path, cache_mb=1) as d:
+        for step in range(40):
+            off = rng.randrange(0, size - 1)
+            n = min(rng.choice([1, 700, 4096, 70000, MiB + 3]), size - off)
+            if step % 7 == 6:
+                d.write_zeroes(off, n)
+                model[off : off + n] = bytes(n)
+            else:
+                d.write(off, pattern(off, n, seed=step))
+                model[off : off + n] = pattern(off, n, seed=step)
+        d.discard(2 * MiB, MiB)
+        model[2 * MiB : 3 * MiB] = bytes(MiB)
+    ref = tmp_path / "ref.raw"
+    ref.write_bytes(model)
+    qemu_img("check", path)
+    qemu_img("compare", "-f", "vdi", "-F", "raw", path, str(ref))
+    # and qemu can keep writing to it; vdisk reads what qemu wrote
+    qemu_io("-c", "write -P 0x77 5m 1m", path)
+    model[5 * MiB : 6 * MiB] = b"\x77" * MiB
+    with vdisk.open(path, readonly=True) as d:
+        assert d.read(0, size) == bytes(model)
+    qemu_img("check", path)
+
+
+def test_differencing(tmp_path):
+    base = str(tmp_path / "base.vdi")
+    top = str(tmp_path / "top.vdi")
+    size = 4 * MiB
+    vdisk.create(base, size, format="vdi")
+    model = bytearray(pattern(0, size, seed=1))
+    with vdisk.open(base) as d:
+        d.write(0, bytes(model))
+    before = Path(base).read_bytes()
+    vdisk.create(top, None, format="vdi", backing="base.vdi")
+    with vdisk.open(top, cache_mb=0) as d:  # the parent is found by UUID in the directory
+        assert d.read(0, size) == bytes(model)
+        for off, n, seed in [(4096, 8192, 2), (MiB - 512, 1024, 3)]:
+            d.write(off, pattern(off, n, seed=seed))
+            model[off : off + n] = pattern(off, n, seed=seed)
+        d.write_zeroes(3 * MiB, MiB)
+        model[3 * MiB :] = bytes(MiB)
+        assert d.read(0, size) == bytes(model)
+        assert d.info()["backing-chain"][0]["filename"].endswith("base.vdi")
+    drv = _open(top)
+    try:
+        kinds = [e.kind for e in drv.block_status(0, size)]
+        assert kinds == [Kind.DATA, Kind.HOLE, Kind.ZERO]
+        assert drv.check().exit_code == 0
+    finally:
+        drv.close()
+    assert Path(base).read_bytes() == before
+    # an explicit hint works too, from another directory
+    os.mkdir(tmp_path / "sub")
+    moved = str(tmp_path / "sub" / "top.vdi")
+    os.replace(top, moved)
+    with pytest.raises(BackingMismatch, match="not found"):
+        vdisk.open(moved, readonly=True)
+    with vdisk.open(moved, readonly=True, options={"backing": "../base.vdi"}) as d:
+        assert d.read(0, size) == bytes(model)
+    # a different image under the parent's name is refused
+    os.replace(base, tmp_path / "old.vdi")
+    vdisk.create(base, size, format="vdi")
+    with pytest.raises(BackingMismatch, match="UUID"):
+        vdisk.open(moved, readonly=True, options={"backing": "../base.vdi"})
+
+
+def test_parent_loop(tmp_path):
+    a, b = str(tmp_path / "a.vdi"), str(tmp_path / "b.vdi")
+    for p in (a, b):
+        vdisk.create(p, MiB, format="vdi")
+    ua = _open(a).h
+    ub = _open(b).h
+    for path, other in ((a, ub), (b, ua)):  # each links to the other
+        with open(path, "r+b") as f:
+            f.seek(vdi.OFF_TYPE)
+            f.write(struct.pack("<I", vdi.TYPE_DIFF))
+            f.seek(vdi.OFF_UUIDS + 32)
+            f.write(other.uuid_image + other.uuid_last_snap)
+    with pytest.raises(BackingMismatch, match="loop"):
+        vdisk.open(a, readonly=True)
+
+
+# -- hostile images ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small(tmp_path, qemu_img, qemu_io) -> str:
+    path = str(tmp_path / "h.vdi")
+    qemu_img("create", "-q", "-f", "vdi", path, "4M")
+    qemu_io("-c", "write -P 0x33 0 2M", path)
+    return path
+
+
+def _patch(path: str, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def _expect(path: str, match: str) -> None:
+    with pytest.raises(VdiskError, match=match):
+        d = _open(path)
+        try:
+            d.read(0, d.size)
+        finally:
+            d.close()
+
+
+def test_truncated(small):
+    os.truncate(small, 300)
+    _expect(small, "too short")
+
+
+def test_wrong_signature(small):
+    _patch(small, 64, b"\0\0\0\0")
+    assert vdi.VdiDriver.probe(Path(small).read_bytes()[:512], 0) == 0
+    _expect(small, "signature")
+
+
+def test_block_map_past_end(small):
+    _patch(small, 0x180, struct.pack("<I", 1 << 30))  # blocks_in_image
+    _patch(small, 0x170, struct.pack("<Q", 1 << 50))  # disk_size
+    _expect(small, "past the end")
+
+
+def test_huge_size(small):
+    _patch(small, 0x170, struct.pack("<Q", 1 << 62))
+    _expect(small, "disk_size")
+
+
+def test_entry_out_of_range(small):
+    _patch(small, 0x200, struct.pack("<I", 12345))
+    _expect(small, "block map entry 0")
+
+
+def test_data_inside_map(small):
+    _patch(small, 0x158, struct.pack("<I", 0x200))  # offset_data
+    _expect(small, "overlaps the block map")
+
+
+def test_check_finds_shared_block(small):
+    _patch(small, 0x204, struct.pack("<I", 0))  # block 1 -> data block 0 as well
+    d = _open(small)
+    try:
+        rep = d.check()
+        assert rep.exit_code == 2 and any("twice" in c for c in rep.corruptions)
+    finally:
+        d.close()
+
+
+def test_unknown_uuid_parent_is_clear(tmp_path):
+    p = str(tmp_path / "orphan.vdi")
+    vdisk.create(p, MiB, format="vdi")
+    _patch(p, vdi.OFF_TYPE, struct.pack("<I", vdi.TYPE_DIFF))
+    _patch(p, vdi.OFF_UUIDS + 32, uuid.uuid4().bytes)
+    with pytest.raises(BackingMismatch, match="not found"):
+        vdisk.open(p, readonly=True)
+    with pytest.raises(CorruptImage):
+        _patch(p, vdi.OFF_BLOCKS_ALLOCATED, struct.pack("<I", 99))
+        _open(p)
