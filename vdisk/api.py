@@ -92,6 +92,24 @@ def _probe_format(storage: Storage) -> type[Driver]:
     return formats.probe(head, storage.size(), storage.path)
 
 
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _real(path: str) -> str:
+    """A path's identity for loop detection; URLs are their own identity."""
+    return path if _is_url(path) else os.path.realpath(path)
+
+
+def _format_for(st: Storage, format: str | None) -> type[Driver]:
+    """The driver: as named, else probed; a store that is not a byte array (s3://) says
+    which format it holds, and "vdisk" there means the native format's object-store layout."""
+    native = getattr(st, "native_format", None)
+    if native and (format is None or format == "vdisk"):
+        return formats.get(native)
+    return formats.get(format) if format else _probe_format(st)
+
+
 def _open_driver(
     path: str,
     *,
@@ -105,7 +123,7 @@ def _open_driver(
     try:
         if not (readonly and force_share):
             st.lock(exclusive=not readonly)
-        cls = formats.get(format) if format else _probe_format(st)
+        cls = _format_for(st, format)
         return cls.open(st, readonly=readonly, options=dict(options or {}))
     except BaseException:
         st.close()
@@ -206,7 +224,7 @@ def _open_chain(
 ) -> Layer:
     """Open the backing chain below ``driver`` (read-only, formats as recorded)."""
     seen = set(seen or ())
-    seen.add(os.path.realpath(driver.storage.path))
+    seen.add(_real(driver.storage.path))
     if driver.backing is None:
         return Layer(driver, None)
     if depth >= MAX_CHAIN_DEPTH:
@@ -214,7 +232,7 @@ def _open_chain(
             f"{driver.storage.path}: backing chain deeper than {MAX_CHAIN_DEPTH} images"
         )
     path = _backing_path(driver)
-    if os.path.realpath(path) in seen:
+    if _real(path) in seen:
         raise BackingMismatch(f"{driver.storage.path}: backing chain loops back to {path}")
     fmt = driver.backing.format
     if fmt is None:
@@ -664,6 +682,8 @@ def create(
 ) -> None:
     """Create an image. With ``backing``, the new image is an overlay of it; the backing
     format is recorded (probed once now if not given) and the size defaults to its size."""
+    if _is_url(path) and format == "vdisk":
+        format = open_storage(path, readonly=True).native_format  # type: ignore[attr-defined]
     cls = formats.get(format)
     if not cls.can_create:
         raise UsageError(f"vdisk cannot create {cls.name} images")
@@ -673,16 +693,20 @@ def create(
     if backing is not None:
         bpath = (
             backing
-            if os.path.isabs(backing)
+            if os.path.isabs(backing) or _is_url(backing)
             else os.path.join(os.path.dirname(os.path.abspath(path)), backing)
         )
-        if not os.path.exists(bpath) and os.path.exists(backing):
+        if not _is_url(bpath) and not os.path.exists(bpath) and os.path.exists(backing):
             bpath = os.path.abspath(backing)
         base = _open_driver(
             bpath, format=backing_format, readonly=True, force_share=True, options=None
         )
         try:
-            stored = os.path.relpath(os.path.abspath(bpath), os.path.dirname(os.path.abspath(path)))
+            stored = (
+                bpath
+                if _is_url(bpath) or _is_url(path)
+                else os.path.relpath(os.path.abspath(bpath), os.path.dirname(os.path.abspath(path)))
+            )
             opts["backing"] = BackingRef(stored, base.name)
             opts["backing_driver"] = base
             if size is None or size == "":
@@ -706,7 +730,7 @@ def _create_file(cls: type[Driver], path: str, size: int, opts: dict[str, Any]) 
         ok = True
     finally:
         st.close()
-        if not ok:
+        if not ok and not _is_url(path):
             try:
                 os.unlink(path)
             except OSError:

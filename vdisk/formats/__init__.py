@@ -8,7 +8,7 @@ from vdisk.errors import UnknownFormat, UsageError
 from vdisk.formats.base import Driver
 
 # Module names under vdisk.formats, in probe order (the most specific magic first; raw last).
-_MODULES = ("native", "qcow2", "vmdk", "vhdx", "vhd", "vdi", "parallels", "raw")
+_MODULES = ("native", "qcow2", "vmdk", "vhdx", "vhd", "vdi", "parallels", "remote", "raw")
 
 _drivers: list[type[Driver]] | None = None
 

@@ -159,7 +159,7 @@ class FileStorage(Storage):
         return os.fstat(self.fd).st_blocks * 512
 
     def resolve(self, name: str) -> str:
-        if os.path.isabs(name):
+        if os.path.isabs(name) or "://" in name:  # URLs (s3://...) are absolute too
             return name
         return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(self.path)), name))
 
@@ -228,6 +228,10 @@ class MemoryStorage(Storage):
 
 def open_storage(path: str, *, readonly: bool, create: bool = False) -> Storage:
     """The storage a path names: a local file today; URLs (s3://...) name other backends."""
+    if path.startswith("s3://"):
+        from vdisk.storage.s3 import S3Storage
+
+        return S3Storage(path, readonly=readonly, create=create)
     if "://" in path:
         scheme = path.split("://", 1)[0]
         raise VdiskError(f"{path}: unsupported storage scheme {scheme!r}")
