@@ -354,12 +354,21 @@ class _Connection:
     # -- transmission ---------------------------------------------------------------------
 
     async def transmission(self, export: Export, meta: bool) -> None:
+        """The request loop. Replies of requests handled inline are collected while more
+        requests are already buffered and sent with one system call (a client with a
+        queue depth of 16 sends them in bursts): the peer wakes once, not per reply."""
         r = self.reader
         req = P.REQUEST
         size = export.size
+        out: list[bytes | bytearray | memoryview] = []
+        out_bytes = 0
         async with trio.open_nursery() as nursery:
             while True:
                 self.current = None
+                if out and (len(r.buf) - r.pos < 28 or out_bytes >= INLINE_MAX):
+                    await self.send(*out)
+                    out.clear()
+                    out_bytes = 0
                 await r.fill(28)
                 magic, flags, cmd, cookie, offset, length = req.unpack_from(r.buf, r.pos)
                 r.pos += 28
@@ -370,6 +379,10 @@ class _Connection:
                 data: bytearray | None = None
                 if cmd == P.CMD_WRITE:
                     self.current = f"a WRITE of {length} bytes at {offset}"
+                    if out and len(r.buf) - r.pos < min(length, P.MAX_PAYLOAD):
+                        await self.send(*out)  # do not hold replies while waiting for data
+                        out.clear()
+                        out_bytes = 0
                     if length > P.MAX_PAYLOAD:
                         await r.skip(length)
                         await self.fail(
@@ -382,17 +395,27 @@ class _Connection:
                     data = await r.payload(length)
                     self.current = None
                 if cmd == P.CMD_DISC:
+                    if out:
+                        await self.send(*out)
                     return  # the nursery waits for the requests in flight
                 problem = self.validate(export, meta, size, cmd, flags, offset, length)
                 if problem is not None:
-                    await self.fail(cookie, cmd, *problem)
+                    parts = self.error_parts(cookie, cmd, *problem)
+                    out += parts
+                    out_bytes += sum(len(x) for x in parts)
                     continue
                 work = self.work(export, cmd, flags, offset, length, data)
                 if self.inline_ok(export, cmd, flags, length):
                     outcome = _run_inline(export, work)
                     if outcome is not _BUSY:
-                        await self.answer(cookie, cmd, flags, offset, length, outcome)
+                        parts = self.reply_parts(cookie, cmd, offset, length, outcome)
+                        out += parts
+                        out_bytes += sum(len(x) for x in parts)
                         continue
+                if out:
+                    await self.send(*out)
+                    out.clear()
+                    out_bytes = 0
                 large = length > LARGE and cmd in (P.CMD_READ, P.CMD_WRITE)
                 await self.inflight.acquire()
                 if large:
@@ -481,38 +504,40 @@ class _Connection:
             outcome = await trio.to_thread.run_sync(
                 _run_timed, export, work, limiter=self.server.limiter
             )
-            await self.answer(cookie, cmd, flags, offset, length, outcome)
+            await self.send(*self.reply_parts(cookie, cmd, offset, length, outcome))
         finally:
             self.inflight.release()
             if large:
                 self.inflight_large.release()
 
-    async def answer(
-        self, cookie: int, cmd: int, flags: int, offset: int, length: int, outcome: _Outcome
-    ) -> None:
+    def reply_parts(
+        self, cookie: int, cmd: int, offset: int, length: int, outcome: _Outcome
+    ) -> list[bytes]:
+        """The reply to a request as pieces to send back to back."""
         if outcome.error is not None:
             if isinstance(outcome.error, _FastZeroUnsupported):
                 err, msg = P.ENOTSUP, "write zeroes is not faster than writing on this image"
             else:
                 err, msg = _error_of(outcome.error, f"{self.peer}: {P.CMD_NAMES[cmd]}")
-            return await self.fail(cookie, cmd, err, msg)
+            return self.error_parts(cookie, cmd, err, msg)
         if cmd == P.CMD_READ:
-            value = outcome.value
             if self.structured:
                 if not length:
-                    return await self.send(P.structured_none(cookie))
-                return await self.send(P.offset_data_header(cookie, offset, length), value)
-            return await self.send(P.simple_reply(cookie), value)
+                    return [P.structured_none(cookie)]
+                return [P.offset_data_header(cookie, offset, length), outcome.value]
+            return [P.simple_reply(cookie), outcome.value]
         if cmd == P.CMD_BLOCK_STATUS:
-            return await self.send(P.block_status_chunk(cookie, 1, outcome.value))
-        await self.send(P.simple_reply(cookie))
+            return [P.block_status_chunk(cookie, 1, outcome.value)]
+        return [P.simple_reply(cookie)]
 
-    async def fail(self, cookie: int, cmd: int, err: int, message: str) -> None:
+    def error_parts(self, cookie: int, cmd: int, err: int, message: str) -> list[bytes]:
         log.debug("%s: %s failed: %s", self.peer, P.CMD_NAMES.get(cmd, cmd), message)
         if self.structured:
-            await self.send(P.structured_error(cookie, err, message))
-        else:
-            await self.send(P.simple_reply(cookie, err))
+            return [P.structured_error(cookie, err, message)]
+        return [P.simple_reply(cookie, err)]
+
+    async def fail(self, cookie: int, cmd: int, err: int, message: str) -> None:
+        await self.send(*self.error_parts(cookie, cmd, err, message))
 
 
 def _run_inline(export: Export, work: Callable[[], Any]) -> Any:
