@@ -1,0 +1,283 @@
+"""Parallels against qemu-img 7.2: its images (and hand-made old-magic ones) read
+byte-identically, ours pass its check and compare, DiskDescriptor.xml bundles resolve their
+snapshot chain, hostile headers and descriptors give clear errors."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+from pathlib import Path
+
+import pytest
+
+import vdisk
+from tests.conftest import pattern
+from vdisk.errors import CorruptImage, UnsupportedFeature, VdiskError
+from vdisk.formats import parallels as prl
+from vdisk.formats.base import Kind
+from vdisk.storage import FileStorage
+
+MiB = 1 << 20
+
+
+def _open(path: str, readonly: bool = True) -> prl.ParallelsDriver:
+    return prl.ParallelsDriver.open(
+        FileStorage(path, readonly=readonly), readonly=readonly, options={}
+    )
+
+
+def _qemu_raw(qemu_img, path: str, tmp_path: Path) -> bytes:
+    raw = tmp_path / "ref.raw"
+    qemu_img("convert", "-f", "parallels", "-O", "raw", path, str(raw))
+    data = raw.read_bytes()
+    raw.unlink()
+    return data
+
+
+@pytest.mark.parametrize("cluster", ["64k", "1M"])
+def test_reads_qemu_images(tmp_path, qemu_img, qemu_io, cluster):
+    path = str(tmp_path / "q.hdd")
+    qemu_img("create", "-q", "-f", "parallels", "-o", f"cluster_size={cluster}", path, "5M")
+    writes = ["write -P 0x11 0 4k", "write -P 0x22 1020k 8k", "write -P 0x33 2500k 2m"]
+    qemu_io(*[a for w in writes for a in ("-c", w)], path)
+    want = _qemu_raw(qemu_img, path, tmp_path)
+    d = _open(path)
+    try:
+        assert d.read(0, d.size) == want
+        for off, n in [(65536 - 100, 300), (2500 * 1024 - 1, 2 * MiB + 2)]:
+            assert d.read(off, n) == want[off : off + n]
+        for e in d.block_status(0, d.size):
+            if e.kind != Kind.DATA:
+                assert want[e.offset : e.end] == bytes(e.length)
+        assert d.check().exit_code == 0
+    finally:
+        d.close()
+    with vdisk.open(path, readonly=True) as disk:
+        assert disk.read(0, disk.size) == want
+
+
+def _old_magic_image(path: str, clusters: dict[int, bytes], cs: int = 63 * 512) -> int:
+    """A "WithoutFreeSpace" image: BAT in sectors, data_off 0 (computed), odd cluster size."""
+    nbat = 8
+    size = nbat * cs
+    data = -(-(64 + 4 * nbat) // 512) * 512
+    bat = [0] * nbat
+    body = b""
+    for i, (idx, payload) in enumerate(sorted(clusters.items())):
+        bat[idx] = (data + i * cs) // 512
+        body += payload.ljust(cs, b"\0")
+    hdr = prl.HEADER.pack(prl.MAGIC_OLD, 2, 16, 1, cs // 512, nbat, size // 512, 0, 0, 0, 0)
+    raw = (hdr + struct.pack(f"<{nbat}I", *bat)).ljust(data, b"\0") + body
+    Path(path).write_bytes(raw)
+    return size
+
+
+def test_old_magic(tmp_path, qemu_img):
+    path = str(tmp_path / "old.hdd")
+    cs = 63 * 512
+    size = _old_magic_image(path, {1: pattern(cs, cs, 1), 4: pattern(0, 100, 2)}, cs)
+    want = _qemu_raw(qemu_img, path, tmp_path)
+    d = _open(path)
+    try:
+        assert d.size == size and d.cluster_size == cs
+        assert d.read(0, size) == want
+        assert d.read(cs - 10, cs + 20) == want[cs - 10 : 2 * cs + 10]
+    finally:
+        d.close()
+    with vdisk.open(path) as disk:  # write across clusters of the old format
+        disk.write(3 * cs - 7, b"q" * (cs + 14))
+    want = bytearray(want)
+    want[3 * cs - 7 : 4 * cs + 7] = b"q" * (cs + 14)
+    assert _qemu_raw(qemu_img, path, tmp_path) == bytes(want)
+
+
+def test_vdisk_writes_pass_qemu_check(tmp_path, qemu_img, qemu_io):
+    path = str(tmp_path / "v.hdd")
+    size = 6 * MiB + 4096
+    vdisk.create(path, size, format="parallels", cluster_size=256 * 1024)
+    model = bytearray(size)
+    rng = random.Random(5)
+    with vdisk.open(path, cache_mb=1) as d:
+        for step in range(40):
+            off = rng.randrange(0, size - 1)
+            n = min(rng.choice([1, 700, 4096, 70000, MiB + 3]), size - off)
+            if step % 7 == 6:
+                d.write_zeroes(off, n)
+                model[off : off + n] = bytes(n)
+            else:
+                d.write(off, pattern(off, n, seed=step))
+                model[off : off + n] = pattern(off, n, seed=step)
+        assert _open(path).in_use == prl.IN_USE  # open for writing: marked in use
+    ref = tmp_path / "ref.raw"
+    ref.write_bytes(model)
+    qemu_img("check", path)
+    qemu_img("compare", "-f", "parallels", "-F", "raw", path, str(ref))
+    d = _open(path)
+    try:
+        assert d.in_use == prl.CLOSED
+    finally:
+        d.close()
+    qemu_io("-c", "write -P 0x77 5m 1m", path)
+    model[5 * MiB : 6 * MiB] = b"\x77" * MiB
+    with vdisk.open(path, readonly=True) as d:
+        assert d.read(0, size) == bytes(model)
+
+
+# -- DiskDescriptor.xml bundles --------------------------------------------------------------------
+
+ROOT = "{11111111-2222-3333-4444-555555555555}"
+
+
+def _descriptor(
+    images: list[tuple[str, str]], shots: list[tuple[str, str]], extra: str = ""
+) -> str:
+    imgs = "".join(
+        f"<Image><GUID>{g}</GUID><Type>Compressed</Type><File>{f}</File></Image>" for g, f in images
+    )
+    sh = "".join(f"<Shot><GUID>{g}</GUID><ParentGUID>{p}</ParentGUID></Shot>" for g, p in shots)
+    return (
+        f"<?xml version='1.0' encoding='UTF-8'?>{extra}\n<Parallels_disk_image Version=\"1.0\">"
+        "<Disk_Parameters><Disk_size>8192</Disk_size><Cylinders>16</Cylinders><Heads>16</Heads>"
+        "<Sectors>32</Sectors><Padding>0</Padding></Disk_Parameters>"
+        f"<StorageData><Storage><Start>0</Start><End>8192</End><Blocksize>2048</Blocksize>{imgs}"
+        f"</Storage></StorageData><Snapshots>{sh}</Snapshots></Parallels_disk_image>"
+    )
+
+
+@pytest.fixture
+def bundle(tmp_path, qemu_img, qemu_io) -> tuple[Path, bytes]:
+    b = tmp_path / "disk.hdd"
+    b.mkdir()
+    root, top = str(b / "disk.hdd.0.hds"), str(b / "disk.hdd.1.hds")
+    for p in (root, top):
+        qemu_img("create", "-q", "-f", "parallels", "-o", "cluster_size=1M", p, "4M")
+    qemu_io("-c", "write -P 0x11 0 4M", root)
+    qemu_io("-c", "write -P 0x22 1M 1M", top)  # whole clusters: the rest falls through
+    (b / prl.DESCRIPTOR).write_text(
+        _descriptor(
+            [(ROOT, "disk.hdd.0.hds"), (prl.TOP_GUID, "disk.hdd.1.hds")],
+            [(ROOT, prl.NULL_GUID), (prl.TOP_GUID, ROOT)],
+        )
+    )
+    want = b"\x11" * MiB + b"\x22" * MiB + b"\x11" * 2 * MiB
+    return b, want
+
+
+def test_bundle_chain(bundle):
+    b, want = bundle
+    root_before = (b / "disk.hdd.0.hds").read_bytes()
+    with vdisk.open(str(b / prl.DESCRIPTOR), readonly=True) as d:
+        assert d.format == "parallels"
+        assert d.read(0, d.size) == want
+        assert d.info()["backing-chain"][0]["filename"].endswith("disk.hdd.0.hds")
+    with vdisk.open(str(b / "disk.hdd.1.hds"), readonly=True) as d:  # the image, not the XML
+        assert d.read(0, d.size) == want
+    with vdisk.open(str(b / prl.DESCRIPTOR)) as d:  # writes go to the top image
+        d.write(3 * MiB - 100, b"w" * 200)
+    model = bytearray(want)
+    model[3 * MiB - 100 : 3 * MiB + 100] = b"w" * 200
+    with vdisk.open(str(b / prl.DESCRIPTOR), readonly=True) as d:
+        assert d.read(0, d.size) == bytes(model)
+    assert (b / "disk.hdd.0.hds").read_bytes() == root_before
+
+
+@pytest.mark.parametrize(
+    "case,exc,match",
+    [
+        ("doctype", UnsupportedFeature, "DOCTYPE"),
+        ("loop", CorruptImage, "loops"),
+        ("escape", UnsupportedFeature, "outside the bundle"),
+        ("garbage", CorruptImage, "well-formed"),
+        ("huge", CorruptImage, "exceeds"),
+    ],
+)
+def test_hostile_descriptors(bundle, case, exc, match):
+    b, _want = bundle
+    desc = b / prl.DESCRIPTOR
+    other = "{99999999-2222-3333-4444-555555555555}"
+    if case == "doctype":
+        bomb = '<!DOCTYPE l [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;">]>'
+        desc.write_text(_descriptor([(ROOT, "disk.hdd.0.hds")], [(ROOT, prl.NULL_GUID)], bomb))
+    elif case == "loop":
+        desc.write_text(
+            _descriptor(
+                [(ROOT, "disk.hdd.0.hds"), (other, "x.hds"), (prl.TOP_GUID, "disk.hdd.1.hds")],
+                [(ROOT, other), (other, ROOT), (prl.TOP_GUID, ROOT)],
+            )
+        )
+    elif case == "escape":
+        desc.write_text(
+            _descriptor([(prl.TOP_GUID, "../../etc/passwd")], [(prl.TOP_GUID, prl.NULL_GUID)])
+        )
+    elif case == "garbage":
+        desc.write_text("<Parallels_disk_image><oops></Parallels_disk_image>")
+    else:
+        desc.write_text(_descriptor([], []) + "<!--" + "x" * (2 * MiB) + "-->")
+    with pytest.raises(exc, match=match):
+        vdisk.open(str(desc), readonly=True, format="parallels")
+
+
+# -- hostile images --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small(tmp_path, qemu_img, qemu_io) -> str:
+    path = str(tmp_path / "h.hdd")
+    qemu_img("create", "-q", "-f", "parallels", "-o", "cluster_size=64k", path, "4M")
+    qemu_io("-c", "write -P 0x33 0 1M", path)
+    return path
+
+
+def _patch(path: str, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def _expect(path: str, match: str) -> None:
+    with pytest.raises(VdiskError, match=match):
+        d = _open(path)
+        try:
+            d.read(0, d.size)
+        finally:
+            d.close()
+
+
+def test_truncated(small):
+    os.truncate(small, 40)
+    _expect(small, "too short")
+
+
+def test_wrong_magic(small):
+    _patch(small, 0, b"WithoutFreeSpacX")
+    assert prl.ParallelsDriver.probe(Path(small).read_bytes()[:4096], 0) == 0
+    _expect(small, "magic")
+
+
+def test_bat_past_end(small):
+    _patch(small, 32, struct.pack("<IQ", 1 << 30, 1 << 37))
+    _expect(small, "past the end")
+
+
+def test_entry_past_end(small):
+    _patch(small, 64, struct.pack("<I", 1 << 20))
+    _expect(small, "BAT entry 0")
+
+
+def test_huge_size_and_cluster(small):
+    _patch(small, 36, struct.pack("<Q", 1 << 60))
+    _expect(small, "disk size")
+    _patch(small, 36, struct.pack("<Q", 8192))
+    _patch(small, 28, struct.pack("<I", 0))
+    _expect(small, "cluster")
+
+
+def test_check_finds_shared_cluster(small):
+    first = struct.unpack("<I", Path(small).read_bytes()[64:68])[0]
+    _patch(small, 68, struct.pack("<I", first))
+    d = _open(small)
+    try:
+        assert any("twice" in c for c in d.check().corruptions)
+    finally:
+        d.close()
