@@ -281,3 +281,16 @@ def test_check_finds_shared_cluster(small):
         assert any("twice" in c for c in d.check().corruptions)
     finally:
         d.close()
+
+
+def test_resize_grows(tmp_path, qemu_img):
+    p = str(tmp_path / "r.hdd")
+    vdisk.create(p, 3 * MiB - 512, format="parallels")
+    with vdisk.open(p) as d:
+        d.write(0, b"a" * (3 * MiB - 512))
+        d.resize(7 * MiB)  # the old last cluster was short: its tail must read as zeros
+        d.write(7 * MiB - 4096, b"b" * 4096)
+    ref = tmp_path / "ref.raw"
+    ref.write_bytes(b"a" * (3 * MiB - 512) + bytes(4 * MiB + 512 - 4096) + b"b" * 4096)
+    qemu_img("check", p)
+    qemu_img("compare", "-f", "parallels", "-F", "raw", p, str(ref))

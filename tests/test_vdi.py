@@ -231,3 +231,17 @@ def test_unknown_uuid_parent_is_clear(tmp_path):
     with pytest.raises(CorruptImage):
         _patch(p, vdi.OFF_BLOCKS_ALLOCATED, struct.pack("<I", 99))
         _open(p)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_resize_grows(tmp_path, qemu_img, static):
+    p = str(tmp_path / "r.vdi")
+    vdisk.create(p, 3 * MiB, format="vdi", options={"static": static})
+    with vdisk.open(p) as d:
+        d.write(0, b"a" * 3 * MiB)
+        d.resize(7 * MiB)
+        d.write(7 * MiB - 4096, b"b" * 4096)
+    ref = tmp_path / "ref.raw"
+    ref.write_bytes(b"a" * 3 * MiB + bytes(4 * MiB - 4096) + b"b" * 4096)
+    qemu_img("check", p)
+    qemu_img("compare", "-f", "vdi", "-F", "raw", p, str(ref))

@@ -362,3 +362,17 @@ def test_errors_are_vdisk_errors(tmp_path):
     p.write_bytes(b"vhdxfile" + os.urandom(2 * MiB))
     with pytest.raises(VdiskError):
         vdisk.open(str(p), readonly=True)
+
+
+@pytest.mark.parametrize("subformat", ["dynamic", "fixed"])
+def test_resize_grows(tmp_path, qemu_img, subformat):
+    p = str(tmp_path / "r.vhdx")
+    vdisk.create(p, 3 * MiB, format="vhdx", options={"subformat": subformat})
+    with vdisk.open(p) as d:
+        d.write(0, b"a" * 3 * MiB)
+        d.resize(7 * MiB)  # inside the last 8 MiB block: its tail must read as zeros
+        d.write(7 * MiB - 4096, b"b" * 4096)
+    ref = tmp_path / "ref.raw"
+    ref.write_bytes(b"a" * 3 * MiB + bytes(4 * MiB - 4096) + b"b" * 4096)
+    qemu_img("check", p)
+    qemu_img("compare", "-f", "vhdx", "-F", "raw", p, str(ref))

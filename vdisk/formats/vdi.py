@@ -473,13 +473,22 @@ class VdiDriver(Driver):
             raise UnsupportedFeature(f"{self.storage.path}: shrinking VDI images is not supported")
         if blocks > self.h.blocks_in_image:
             room = (self.h.offset_data - self.h.offset_bmap) // 4
-            if blocks > room or self.h.image_type == TYPE_STATIC:
+            if blocks > room:
                 raise UnsupportedFeature(
                     f"{self.storage.path}: growing to {blocks} blocks needs a larger block map "
                     f"than the image has room for ({room} entries)"
                 )
             old = self.h.blocks_in_image
-            self.storage.pwrite(self.h.offset_bmap + 4 * old, b"\xff" * (4 * (blocks - old)))
+            if self.h.image_type == TYPE_STATIC:  # a static image keeps every block allocated
+                first = max(self.next_index, self.h.blocks_allocated)
+                n = blocks - old
+                raw = struct.pack(f"<{n}I", *range(first, first + n))
+                self.storage.truncate(self.h.offset_data + (first + n) * self.block_size)
+                self.next_index = first + n
+                self.h.blocks_allocated += n
+            else:
+                raw = b"\xff" * (4 * (blocks - old))
+            self.storage.pwrite(self.h.offset_bmap + 4 * old, raw)
             self.h.blocks_in_image = blocks
             self.bmap = PagedTable(self.storage, self.h.offset_bmap, blocks)
         self.h.disk_size = size
