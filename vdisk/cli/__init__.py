@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 from typing import Any
 
@@ -36,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "umount": "vdisk.cli.mount:umount",
     "serve": "vdisk.cli.serve:serve",
     "bench": "vdisk.cli.bench:bench",
+    "gc": "vdisk.cli.remote:gc",
 }
 
 
@@ -63,9 +65,28 @@ def cli() -> None:
     FUSE and NBD front ends."""
 
 
+def _take_endpoint(argv: list[str]) -> list[str]:
+    """``--endpoint URL`` anywhere on the line: the S3 endpoint of s3:// images, for every
+    command (it sets VDISK_S3_ENDPOINT, which vdisk.storage.s3 reads)."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--endpoint" and i + 1 < len(argv):
+            os.environ["VDISK_S3_ENDPOINT"] = argv[i + 1]
+            i += 2
+            continue
+        if a.startswith("--endpoint="):
+            os.environ["VDISK_S3_ENDPOINT"] = a.split("=", 1)[1]
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Entry point: run the command, map errors to one line and an exit code."""
     try:
+        argv = _take_endpoint(list(sys.argv[1:] if argv is None else argv))
         return cli.main(args=argv, prog_name="vdisk", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("vdisk: interrupted", err=True)

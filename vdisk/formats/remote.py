@@ -395,6 +395,7 @@ class RemoteDriver(Driver):
         b = m.get("backing")
         self.backing = BackingRef(b["path"], b.get("format")) if b else None
         self.uuid = m["uuid"]
+        self.storage.identity = f"{FORMAT}\n{self.uuid}\n{self.number}\n".encode()
 
     # -- discovery and creation ---------------------------------------------------
 
@@ -919,9 +920,7 @@ class RemoteDriver(Driver):
                 "(the image is in use on another host: reopen to see its version)"
             )
             raise ImageLocked(self.stale)
-        self.manifest = m
-        self.number = number
-        self.snapshots = list(m["snapshots"])
+        self._apply(m)
         self.changed = False
         self._fresh.clear()
         self.counters["commits"] += 1

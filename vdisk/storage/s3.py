@@ -328,7 +328,9 @@ class S3Storage(Storage):
 
     The remote driver reads and writes whole objects through ``client``; the generic layer
     only needs the path, name resolution and the lock (the commit protocol is the lock, so
-    :meth:`lock` does nothing). It is not a byte store."""
+    :meth:`lock` does nothing). It is not a byte store: as bytes it shows only the
+    image's identity (uuid and manifest number, set by the driver), which is what an
+    overlay of another format records to notice that its base has changed."""
 
     native_format = "vdisk-s3"  # what the generic layer opens an s3:// URL as by default
 
@@ -339,18 +341,19 @@ class S3Storage(Storage):
         self.create = create
         self.client = S3Client(self.bucket)
         self.allocated = 0  # set by the driver: stored bytes the image references
+        self.identity = b""  # set by the driver: uuid and manifest number
 
     def _refuse(self) -> StorageError:
         return StorageError(f"{self.path}: an object-store image is not a byte store")
 
     def pread(self, offset: int, length: int) -> bytes:
-        raise self._refuse()
+        return self.identity[offset : offset + length]
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         raise self._refuse()
 
     def size(self) -> int:
-        return self.allocated
+        return len(self.identity)
 
     def allocated_bytes(self) -> int:
         return self.allocated
