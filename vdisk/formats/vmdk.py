@@ -36,6 +36,7 @@ import struct
 import sys
 import zlib
 from array import array
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +91,7 @@ assert GRAIN_MARKER.size == 12
 MARKER_EOS, MARKER_GT, MARKER_GD, MARKER_FOOTER = 0, 1, 2, 3
 
 GTE_UNALLOCATED, GTE_ZEROED = 0, 1
+COMPRESS_LEVEL = 6  # zlib's default, as qemu uses
 SECTOR = 512
 
 # -- limits against hostile images -------------------------------------------------------
@@ -671,7 +673,11 @@ class _Sparse:
             self._write_grain(g, within, data[pos : pos + k], e)
             pos += k
 
-    def _write_grain(self, g: int, within: int, piece: bytes, e: int) -> None:
+    def _write_grain(
+        self, g: int, within: int, piece: bytes, e: int, comp: bytes | None = None
+    ) -> None:
+        """Write into grain ``g`` (GT entry ``e``); ``comp`` is the whole grain already
+        compressed (by write_many's workers), for a whole-grain write."""
         allocated = e not in (GTE_UNALLOCATED, GTE_ZEROED)
         if not allocated and not any(piece) and (e == GTE_ZEROED or not self.drv.has_parent):
             return  # already reads as zeros in this layer
@@ -687,7 +693,8 @@ class _Sparse:
         if grain_end < self.grain:  # the last grain: what lies past the disk is zeros
             full = full[:grain_end] + bytes(self.grain - grain_end)
         if self.compressed:
-            comp = zlib.compress(full, 6)
+            if comp is None:
+                comp = zlib.compress(full, COMPRESS_LEVEL)
             blob = GRAIN_MARKER.pack(g * self.h.grain, len(comp)) + comp
             blob = blob.ljust(_align(len(blob)), b"\0")
             at = self._alloc(len(blob))
@@ -806,6 +813,8 @@ class VmdkDriver(Driver):
         self.cid_bumped = False
         self.has_parent = False
         self.size = 0
+        self.workers = min(4, os.cpu_count() or 1)
+        self.executor: ThreadPoolExecutor | None = None
 
     # -- discovery -----------------------------------------------------------------
 
@@ -981,11 +990,58 @@ class VmdkDriver(Driver):
             e.flush()
         self.storage.sync()
 
+    def write_many(self, writes: list[tuple[int, bytes]]) -> None:
+        """As write, but whole grains of compressed extents are deflated on a few worker
+        threads (zlib releases the GIL) before they are appended in order."""
+        batch: list[tuple[_Sparse, int, bytes]] = []
+
+        def drain() -> None:
+            if len(batch) > 1 and (pool := self._pool()) is not None:
+                comps: list[bytes | None] = list(
+                    pool.map(lambda b: zlib.compress(b[2], COMPRESS_LEVEL), batch)
+                )
+            else:
+                comps = [None] * len(batch)
+            for (ext, g, full), comp in zip(batch, comps):
+                ext._write_grain(g, 0, full, ext.entry(g), comp)
+            batch.clear()
+
+        for offset, data in writes:
+            pos = 0
+            for e, off, _, n in self._pieces(offset, len(data)):
+                self._writable(e)
+                piece = data[pos : pos + n]
+                pos += n
+                if not (isinstance(e, _Sparse) and e.compressed):
+                    drain()
+                    e.write(off, piece)
+                    continue
+                at = 0
+                for g, within, k, _e in e._spans(off, n):
+                    chunk = piece[at : at + k]
+                    at += k
+                    if within == 0 and k == min(e.grain, e.length - g * e.grain):
+                        batch.append((e, g, chunk.ljust(e.grain, b"\0")))
+                    else:
+                        drain()
+                        e._write_grain(g, within, chunk, e.entry(g))
+        drain()
+
+    def _pool(self) -> ThreadPoolExecutor | None:
+        if self.workers <= 1:
+            return None
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(self.workers, thread_name_prefix="vdisk-vmdk")
+        return self.executor
+
     def close(self) -> None:
         try:
             if not self.readonly:
                 self.flush()
         finally:
+            if self.executor is not None:
+                self.executor.shutdown()
+                self.executor = None
             for s in self.others:
                 s.close()
             self.others.clear()
