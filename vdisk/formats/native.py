@@ -68,6 +68,7 @@ from vdisk.formats.native_layout import (
     Snapshot,
     depth_for,
     first_data_slot,
+    header_generation,
     pack_runs,
     pack_snapshots,
     parse_header,
@@ -236,21 +237,25 @@ class NativeDriver(Driver):
         fsize = st.size()
         if fsize < HEADER_SLOT:
             raise CorruptImage(f"{st.path}: file is {fsize} bytes, too short for a vdisk header")
-        found: list[Header] = []
-        errors: list[VdiskError] = []
+        # The newest intact copy wins. A copy that is torn or flipped (bad checksum) is
+        # skipped; an intact copy whose fields do not fit the file is an error, not a
+        # reason to fall back silently to older data.
+        copies = []
+        errors: list[str] = []
         for off in HEADER_OFFSETS:
             raw = st.pread(off, HEADER_SLOT)
-            try:
-                found.append(parse_header(raw, st.path, off, fsize))
-            except UnsupportedFeature:
-                raise
-            except CorruptImage as e:
-                errors.append(e)
-        if not found:
-            raise CorruptImage(
-                f"{st.path}: no valid header copy ({'; '.join(str(e) for e in errors)})"
-            )
-        return max(found, key=lambda h: h.generation)
+            gen = header_generation(raw)
+            if gen is None:
+                try:
+                    parse_header(raw, st.path, off, fsize)
+                except VdiskError as e:
+                    errors.append(str(e))
+                continue
+            copies.append((gen, off, raw))
+        if not copies:
+            raise CorruptImage(f"{st.path}: no valid header copy ({'; '.join(errors)})")
+        _gen, off, raw = max(copies)
+        return parse_header(raw, st.path, off, fsize)
 
     def _read_blob(self, e: Entry, what: str) -> bytes:
         if e.host == 0:

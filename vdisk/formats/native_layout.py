@@ -201,6 +201,19 @@ def first_data_slot(cluster_size: int) -> int:
     return max(1, (2 * HEADER_SLOT) // cluster_size)
 
 
+def header_generation(raw: bytes) -> int | None:
+    """The generation of an intact header copy (magic, length and checksum verify), else None."""
+    if len(raw) < HEADER.size + HEADER_CHECKSUM.size or raw[: len(MAGIC)] != MAGIC:
+        return None
+    _magic, _version, length = struct.unpack_from("<8sII", raw, 0)
+    if not HEADER.size + HEADER_CHECKSUM.size <= length <= min(HEADER_SLOT, len(raw)):
+        return None
+    (stored,) = HEADER_CHECKSUM.unpack_from(raw, length - HEADER_CHECKSUM.size)
+    if codec.checksum(raw[: length - HEADER_CHECKSUM.size]) != stored:
+        return None
+    return int(HEADER.unpack_from(raw, 0)[6])
+
+
 def parse_header(raw: bytes, path: str, where: int, file_size: int) -> Header:
     """Parse and validate one header copy; CorruptImage/UnsupportedFeature say why not."""
     what = f"{path}: header at offset {where}"
