@@ -245,3 +245,32 @@ def test_resize_grows(tmp_path, qemu_img, static):
     ref.write_bytes(b"a" * 3 * MiB + bytes(4 * MiB - 4096) + b"b" * 4096)
     qemu_img("check", p)
     qemu_img("compare", "-f", "vdi", "-F", "raw", p, str(ref))
+
+
+def test_commit_flatten_rebase(tmp_path, qemu_img):
+    from vdisk import ops
+
+    base, top = str(tmp_path / "base.vdi"), str(tmp_path / "top.vdi")
+    size = 3 * MiB
+    vdisk.create(base, size, format="vdi")
+    model = bytearray(pattern(0, size, seed=1))
+    with vdisk.open(base) as d:
+        d.write(0, bytes(model))
+    vdisk.create(top, None, format="vdi", backing="base.vdi")
+    with vdisk.open(top) as d:
+        d.write(MiB - 4096, b"t" * 8192)
+    model[MiB - 4096 : MiB + 4096] = b"t" * 8192
+    ops.commit(top)
+    with vdisk.open(base, readonly=True) as d:
+        assert d.read(0, size) == bytes(model)
+    with vdisk.open(top) as d:  # re-pinned to the base's new modification UUID
+        assert d.read(0, size) == bytes(model)
+    ops.rebase(top, None)
+    ref = tmp_path / "ref.raw"
+    ref.write_bytes(model)
+    qemu_img("check", top)
+    qemu_img("compare", "-f", "vdi", "-F", "raw", top, str(ref))
+    ops.rebase(top, base)
+    with vdisk.open(top, readonly=True) as d:
+        assert d.info()["backing-chain"][0]["filename"] == base
+        assert d.read(0, size) == bytes(model)

@@ -155,30 +155,6 @@ def test_parent_loop_is_an_error(tmp_path):
 # -- the log -----------------------------------------------------------------------------------
 
 
-def _log_entry(seq: int, guid: bytes, writes: list, flushed: int, last: int) -> bytes:
-    """A log entry per the spec: header, descriptors, then one data sector per 4 KiB written."""
-    ndesc = len(writes)
-    dsec = -(-(64 + 32 * ndesc) // 4096)
-    data = [w for w in writes if w[1] is not None]
-    length = (dsec + len(data)) * 4096
-    buf = bytearray(length)
-    vhdx.LOG_HDR.pack_into(buf, 0, b"loge", 0, length, 0, seq, ndesc, 0, guid, flushed, last)
-    k = 0
-    for i, (off, payload) in enumerate(writes):
-        at = 64 + 32 * i
-        if payload is None:
-            vhdx.LOG_DESC.pack_into(buf, at, b"zero", 0, 4096, off, seq)
-        else:
-            lead = struct.unpack_from("<Q", payload, 0)[0]
-            trail = struct.unpack_from("<I", payload, 4092)[0]
-            vhdx.LOG_DESC.pack_into(buf, at, b"desc", trail, lead, off, seq)
-            vhdx.LOG_DATA.pack_into(
-                buf, (dsec + k) * 4096, b"data", seq >> 32, payload[8:4092], seq & 0xFFFFFFFF
-            )
-            k += 1
-    return bytes(vhdx._with_checksum(buf))
-
-
 def _make_dirty(path: str) -> tuple[bytes, int]:
     """Put a log entry that rewrites one 4 KiB page and zeroes another into the log of
     ``path`` and point the header at it. Returns the page written and its guest offset."""
@@ -190,7 +166,9 @@ def _make_dirty(path: str) -> tuple[bytes, int]:
     page = bytes(range(256)) * 16
     guid = uuid.uuid4().bytes_le
     fsize = os.path.getsize(path)
-    entry = _log_entry(7, guid, [(host + 8192, page), (host + 4096 * 5, None)], fsize, fsize)
+    entry = vhdx.build_log_entry(
+        7, guid, [(host + 8192, page), (host + 4096 * 5, None)], fsize, fsize
+    )
     with open(path, "r+b") as f:
         f.seek(h.log_offset)
         f.write(entry)
@@ -376,3 +354,39 @@ def test_resize_grows(tmp_path, qemu_img, subformat):
     ref.write_bytes(b"a" * 3 * MiB + bytes(4 * MiB - 4096) + b"b" * 4096)
     qemu_img("check", p)
     qemu_img("compare", "-f", "vhdx", "-F", "raw", p, str(ref))
+
+
+def test_commit_flatten_rebase(tmp_path, qemu_img):
+    from vdisk import ops
+
+    base, top = str(tmp_path / "base.vhdx"), str(tmp_path / "top.vhdx")
+    size = 3 * MiB
+    vdisk.create(base, size, format="vhdx", cluster_size=MiB)
+    model = bytearray(pattern(0, size, seed=1))
+    with vdisk.open(base) as d:
+        d.write(0, bytes(model))
+    vdisk.create(top, None, format="vhdx", backing="base.vhdx")
+    with vdisk.open(top) as d:
+        d.write(MiB - 4096, b"t" * 8192)  # partially present blocks on both sides
+    model[MiB - 4096 : MiB + 4096] = b"t" * 8192
+    ops.commit(top)  # the base changes; the top is re-pinned to its new DataWriteGuid
+    with vdisk.open(base, readonly=True) as d:
+        assert d.read(0, size) == bytes(model)
+    with vdisk.open(top) as d:
+        assert d.read(0, size) == bytes(model)
+        d.write(2 * MiB + 512, b"u" * 512)
+    model[2 * MiB + 512 : 2 * MiB + 1024] = b"u" * 512
+    ops.rebase(top, None)  # flatten: the top stands alone, qemu can read it now
+    drv = _open(top)
+    try:
+        assert drv.backing is None and drv.info()["subformat"] == "dynamic"
+    finally:
+        drv.close()
+    ref = tmp_path / "ref.raw"
+    ref.write_bytes(model)
+    qemu_img("check", top)
+    qemu_img("compare", "-f", "vhdx", "-F", "raw", top, str(ref))
+    ops.rebase(top, base)  # and back onto the base: a differencing disk again
+    with vdisk.open(top, readonly=True) as d:
+        assert d.info()["backing-chain"][0]["filename"] == base
+        assert d.read(0, size) == bytes(model)

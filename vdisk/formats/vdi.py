@@ -255,6 +255,7 @@ class VdiDriver(Driver):
         fsize = storage.size()
         used = max(0, fsize - h.offset_data)
         self.next_index = max(h.blocks_allocated, -(-used // h.block_size))
+        self._modified = False
 
     # -- discovery, open, create ------------------------------------------------------
 
@@ -433,7 +434,16 @@ class VdiDriver(Driver):
         self.h.blocks_allocated += 1
         self.storage.pwrite(OFF_BLOCKS_ALLOCATED, struct.pack("<I", self.h.blocks_allocated))
 
+    def _begin_write(self) -> None:
+        """Before the first change of a session: a new modification UUID, so that
+        differencing images made on the old content notice (as VirtualBox does)."""
+        if not self._modified:
+            self._modified = True
+            self.h.uuid_last_snap = uuid.uuid4().bytes
+            self.storage.pwrite(OFF_UUIDS + 16, self.h.uuid_last_snap)
+
     def write(self, offset: int, data: bytes) -> None:
+        self._begin_write()
         view = memoryview(data)
         pos = 0
         for idx, within, n in cluster_spans(offset, len(data), self.block_size):
@@ -448,6 +458,7 @@ class VdiDriver(Driver):
                 self._allocate(idx, within, piece)
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        self._begin_write()
         for idx, within, n in cluster_spans(offset, length, self.block_size):
             entry = self.bmap.get(idx)
             if entry < DISCARDED:
@@ -520,14 +531,28 @@ class VdiDriver(Driver):
             )
 
     def set_backing(self, ref: BackingRef | None, backing: Driver | None = None) -> None:
+        """Flatten (no ``ref``), rebase (``ref`` and its driver) or, during a commit, unpin
+        the parent's modification UUID (``ref`` without a driver); the link UUID stays, so
+        the parent can still be found."""
         if ref is None:
             self.h.image_type = TYPE_DYNAMIC
             self.h.uuid_link = self.h.uuid_parent = bytes(16)
             self.backing = None
+        elif backing is None:
+            if self.h.image_type != TYPE_DIFF:
+                raise UsageError(f"{self.storage.path}: not a differencing VDI")
+            self.h.uuid_parent = bytes(16)
         else:
             if not isinstance(backing, VdiDriver):
                 raise UnsupportedFeature(
                     f"{self.storage.path}: a differencing VDI can only have a VDI parent"
+                )
+            if self.h.image_type == TYPE_STATIC:
+                raise UnsupportedFeature(f"{self.storage.path}: a static VDI cannot have a parent")
+            if backing.block_size != self.block_size:
+                raise UnsupportedFeature(
+                    f"{self.storage.path}: parent block size {backing.block_size} differs "
+                    f"from {self.block_size}"
                 )
             self.h.image_type = TYPE_DIFF
             self.h.uuid_link = backing.h.uuid_image

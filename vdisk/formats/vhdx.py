@@ -107,6 +107,7 @@ assert LOCATOR_HDR.size == 20
 LOCATOR_ENTRY = struct.Struct("<IIHH")
 assert LOCATOR_ENTRY.size == 12
 MAX_LOCATOR_ENTRIES = 256
+NULL_LINKAGE = "{00000000-0000-0000-0000-000000000000}"
 
 
 def _guid(text: str) -> bytes:
@@ -575,6 +576,35 @@ def parse_locator(raw: bytes, where: str) -> dict[str, str]:
     return out
 
 
+def build_log_entry(
+    seq: int, guid: bytes, writes: list[tuple[int, bytes | None]], flushed: int, last: int
+) -> bytes:
+    """One log entry (tail at its own position 0): a 4 KiB page per data write, or a
+    zero descriptor of 4 KiB for None."""
+    ndesc = len(writes)
+    dsec = -(-(LOG_HDR.size + LOG_DESC.size * ndesc) // LOG_SECTOR)
+    ndata = sum(1 for _o, d in writes if d is not None)
+    length = (dsec + ndata) * LOG_SECTOR
+    buf = bytearray(length)
+    LOG_HDR.pack_into(buf, 0, LOG_SIG, 0, length, 0, seq, ndesc, 0, guid, flushed, last)
+    k = 0
+    for i, (off, payload) in enumerate(writes):
+        at = LOG_HDR.size + LOG_DESC.size * i
+        if payload is None:
+            LOG_DESC.pack_into(buf, at, ZERO_SIG, 0, LOG_SECTOR, off, seq)
+            continue
+        if len(payload) != LOG_SECTOR or off % LOG_SECTOR:
+            raise ValueError("log writes are whole aligned 4 KiB pages")
+        lead = struct.unpack_from("<Q", payload, 0)[0]
+        trail = struct.unpack_from("<I", payload, LOG_SECTOR - 4)[0]
+        LOG_DESC.pack_into(buf, at, DESC_SIG, trail, lead, off, seq)
+        LOG_DATA.pack_into(
+            buf, (dsec + k) * LOG_SECTOR, DATA_SIG, seq >> 32, payload[8:-4], seq & 0xFFFFFFFF
+        )
+        k += 1
+    return bytes(_with_checksum(buf))
+
+
 def build_locator(pairs: dict[str, str]) -> bytes:
     keys = list(pairs.items())
     head = LOCATOR_HDR.pack(VHDX_LOCATOR_TYPE, 0, len(keys))
@@ -969,6 +999,8 @@ class VhdxDriver(Driver):
             )
         want = {self.locator.get("parent_linkage", ""), self.locator.get("parent_linkage2", "")}
         want = {w.strip().upper() for w in want if w}
+        if want == {NULL_LINKAGE}:
+            return  # unpinned while a commit rewrites the parent (see set_backing)
         have = _guid_str(backing.header.data_write_guid)
         if have not in want:
             raise BackingMismatch(
@@ -976,11 +1008,147 @@ class VhdxDriver(Driver):
                 f"locator links to {', '.join(sorted(want)) or 'nothing'} (the parent changed "
                 "since this disk was made)"
             )
-        if backing.size != self.size:
-            raise BackingMismatch(
-                f"{where}: parent {backing.storage.path} is {backing.size} bytes, this disk "
-                f"is {self.size}"
+
+    def set_backing(self, ref: BackingRef | None, backing: Driver | None = None) -> None:
+        """Rebase (``ref`` and its driver), unpin during a commit (``ref``, no driver: any
+        parent at that path is accepted until pinned again) or flatten (no ``ref``).
+
+        The metadata changes go through the log, as the spec wants: a crash leaves either
+        the old or the new parent locator and flags."""
+        where = self.storage.path
+        if ref is None:
+            if self.has_parent:
+                self._drop_partial_blocks()
+                self._update_metadata(self.flags & ~FLAG_HAS_PARENT, None)
+            self.backing = None
+            return
+        if backing is not None and not isinstance(backing, VhdxDriver):
+            raise UnsupportedFeature(
+                f"{where}: the parent of a differencing VHDX must be a VHDX, not {backing.name}"
             )
+        if self.flags & FLAG_LEAVE_ALLOCATED:
+            raise UnsupportedFeature(f"{where}: a fixed VHDX cannot have a parent")
+        if not self.has_parent:
+            cr = self.chunk_ratio
+            need = -(-self.blocks // cr) * (cr + 1)
+            if need * 8 > self.bat_length:
+                raise UnsupportedFeature(
+                    f"{where}: the BAT region has no room for the sector bitmap entries of a "
+                    "differencing disk"
+                )
+        linkage = NULL_LINKAGE if backing is None else _guid_str(backing.header.data_write_guid)
+        pairs = {"parent_linkage": linkage, "relative_path": ref.path.replace("/", "\\")}
+        absolute = self.storage.resolve(ref.path)
+        if os.path.isabs(absolute):
+            pairs["absolute_win32_path"] = absolute.replace("/", "\\")
+        self._update_metadata(self.flags | FLAG_HAS_PARENT, build_locator(pairs))
+        self.locator = pairs
+        self.backing = BackingRef(ref.path, "vhdx")
+
+    def _drop_partial_blocks(self) -> None:
+        """Before the parent goes away: sectors not present in a PARTIALLY_PRESENT block read
+        as zeros from now on (the caller copied what differed), the block becomes FULLY_PRESENT
+        and the sector bitmaps are no longer referenced."""
+        self._begin_write()
+        for blk in range(self.blocks):
+            state, host = self._entry(blk)
+            if state != PARTIALLY_PRESENT:
+                continue
+            n = min(self.block_size, self.size - blk * self.block_size)
+            for present, o, k in self._runs(blk, 0, n):
+                if not present:
+                    self.storage.punch_hole(host + o, k)
+            self.storage.sync()
+            self._set_entry(self._bat_index(blk), FULLY_PRESENT, host)
+        cr = self.chunk_ratio
+        for sbi in range(cr, self.bat.count, cr + 1):
+            if self.bat.get(sbi):
+                self.bat.set(sbi, 0)
+        self.bitmaps.clear()
+        self.storage.sync()
+
+    def _update_metadata(self, flags: int, locator: bytes | None) -> None:
+        """Write new file parameter flags and parent locator (None: remove it) via the log."""
+        where = self.storage.path
+        self._begin_write()
+        st = self.storage
+        table = bytearray(st.pread_exact(self.meta_offset, META_TABLE_SIZE, "VHDX metadata table"))
+        count = META_HDR.unpack_from(table, 0)[2]
+        entries = [META_ENTRY.unpack_from(table, META_HDR.size + i * 32) for i in range(count)]
+        used = max([META_TABLE_SIZE] + [o + n for _g, o, n, _f in entries])
+        changes: list[tuple[int, bytes]] = []
+        out = []
+        placed = locator is None
+        for guid, ioff, ilen, fl in entries:
+            if guid == FILE_PARAMS_GUID:
+                changes.append(
+                    (self.meta_offset + ioff, struct.pack("<II", self.block_size, flags))
+                )
+            if guid == PARENT_LOCATOR_GUID:
+                if locator is None:
+                    continue
+                if len(locator) > ilen:
+                    ioff = -(-used // 8) * 8
+                ilen = len(locator)
+                changes.append((self.meta_offset + ioff, locator))
+                placed = True
+            out.append((guid, ioff, ilen, fl))
+        if not placed and locator is not None:
+            ioff = -(-used // 8) * 8
+            out.append((PARENT_LOCATOR_GUID, ioff, len(locator), META_REQUIRED))
+            changes.append((self.meta_offset + ioff, locator))
+        for _g, ioff, ilen, _fl in out:
+            if ioff + ilen > self.meta_length or ilen > MAX_META_ITEM:
+                raise UnsupportedFeature(f"{where}: the metadata region has no room for the change")
+        table[META_HDR.size :] = bytes(len(table) - META_HDR.size)
+        META_HDR.pack_into(table, 0, META_SIG, 0, len(out), bytes(20))
+        for i, e in enumerate(out):
+            META_ENTRY.pack_into(table, META_HDR.size + i * 32, *e)
+        pages: dict[int, bytearray] = {}
+
+        def patch(off: int, data: bytes) -> None:
+            pos = 0
+            while pos < len(data):
+                page = (off + pos) - (off + pos) % LOG_SECTOR
+                if page not in pages:
+                    pages[page] = bytearray(st.pread_exact(page, LOG_SECTOR, "VHDX metadata"))
+                k = min(len(data) - pos, page + LOG_SECTOR - (off + pos))
+                at = off + pos - page
+                pages[page][at : at + k] = data[pos : pos + k]
+                pos += k
+
+        for off, data in changes:
+            patch(off, data)
+        patch(self.meta_offset, bytes(table))
+        self._logged_write(sorted((p, bytes(b)) for p, b in pages.items()))
+        self.flags = flags
+        self.has_parent = bool(flags & FLAG_HAS_PARENT)
+        self.bat = PagedTable(st, self.bat_offset, self._bat_entries(self.blocks), "<Q")
+        self.cluster_size = min(self.block_size, DIFF_CLUSTER if self.has_parent else MiB)
+        if locator is None:
+            self.locator = {}
+
+    def _logged_write(self, pages: list[tuple[int, bytes]]) -> None:
+        """Write 4 KiB pages through the log: entry, LogGuid in the header, the pages in
+        place, LogGuid cleared. A crash anywhere leaves all or none of them after replay."""
+        h = self.header
+        guid = uuid.uuid4().bytes_le
+        fsize = self.storage.size()
+        entry = build_log_entry(1, guid, [(off, data) for off, data in pages], fsize, fsize)
+        if len(entry) > h.log_length:
+            raise UnsupportedFeature(
+                f"{self.storage.path}: a log entry of {len(entry)} bytes does not fit the log "
+                f"({h.log_length})"
+            )
+        self.storage.pwrite(h.log_offset, entry)
+        self.storage.sync()
+        h.log_guid = guid
+        self._write_headers()
+        for off, data in pages:
+            self.storage.pwrite(off, data)
+        self.storage.sync()
+        h.log_guid = bytes(16)
+        self._write_headers()
 
     def info(self) -> dict[str, Any]:
         fixed = bool(self.flags & FLAG_LEAVE_ALLOCATED)
