@@ -59,3 +59,12 @@ def qemu_io():
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+def local_formats() -> list[str]:
+    """Formats vdisk can create in a local file (object-store formats have their own tests)."""
+    from vdisk import formats
+
+    return [
+        d.name for d in formats.drivers() if d.can_create and not d.remote and d.name != "vdisk-s3"
+    ]

@@ -145,6 +145,8 @@ class Driver(ABC):
     can_create: ClassVar[bool] = False
     #: whether the format has internal snapshots
     has_snapshots: ClassVar[bool] = False
+    #: whether images live in an object store (s3://) rather than in a local file
+    remote: ClassVar[bool] = False
 
     storage: Storage
     size: int
