@@ -190,6 +190,14 @@ def test_stream_optimized_layout(tmp_path, qemu_img):
         assert d.read(0, 4 * M) == model
     # small: the compressible pattern took far less than 10 grains of raw space
     assert os.path.getsize(img) < 10 * 64 * K
+    # a session that only unmaps grains (no grain appended) still rewrites GTs and GD
+    d = VmdkDriver.open(FileStorage(img, readonly=False), readonly=False, options={})
+    d.write_zeroes(64 * K, 2 * 64 * K, unmap=True)
+    d.close()
+    model[64 * K : 3 * 64 * K] = bytes(2 * 64 * K)
+    with vdisk.open(img, readonly=True) as d:
+        assert d.read(0, 4 * M) == model
+    assert qemu_img("check", img, check=False).returncode == 0
 
 
 def test_write_zeroes_and_discard(tmp_path, qemu_img):

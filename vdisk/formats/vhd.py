@@ -266,7 +266,11 @@ class VhdDriver(Driver):
         # Dynamic and differencing disks start with a footer copy. A fixed disk has its
         # footer only at the end, which a probe of the first bytes cannot see (qemu has
         # the same limit): open those with format "vhd"/"vpc".
-        return 100 if head[:8] == COOKIE else 0
+        if head[:8] == COOKIE:
+            return 100
+        if len(head) == size >= FOOTER_SIZE and head[-FOOTER_SIZE:][:8] == COOKIE:
+            return 100  # a fixed disk small enough for its footer to be in the probe
+        return 0
 
     @classmethod
     def open(cls, storage: Storage, *, readonly: bool, options: dict[str, Any]) -> VhdDriver:

@@ -719,7 +719,7 @@ class _Sparse:
                 self._write_grain(g, within, bytes(k), e)
 
     def flush(self) -> None:
-        if self.gd_at_end and self.tail_open:
+        if self.gd_at_end and (self.tail_open or self.dirty_gts):
             self._write_trailer()
         self.storage.sync()
 
@@ -980,6 +980,8 @@ class VmdkDriver(Driver):
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         for e, off, _, n in self._pieces(offset, length):
+            if isinstance(e, _Zero):
+                continue  # reads as zeros already
             self._writable(e)
             e.zero(off, n)
 
