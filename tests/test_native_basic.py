@@ -326,3 +326,21 @@ def test_version_is_checked() -> None:
         assert n
     with pytest.raises(UnsupportedFeature, match="version 7"):
         _open(MemoryStorage("v", bytes(out)))
+
+
+def test_commit_into_native_base_repins_identity(tmp_path) -> None:
+    from vdisk import ops
+
+    base, top = str(tmp_path / "base.vdisk"), str(tmp_path / "top.vdisk")
+    vdisk.create(base, "1M", cluster_size=4096)
+    with vdisk.open(base) as d:
+        d.write(0, b"b" * 20000)
+    vdisk.create(top, None, backing=base)
+    with vdisk.open(top) as d:
+        d.write(8192, b"t" * 4096)
+    ops.commit(top)
+    with vdisk.open(base, readonly=True) as d:
+        assert d.read(0, 20000) == b"b" * 8192 + b"t" * 4096 + b"b" * 7712
+    with vdisk.open(top, readonly=True) as d:  # pinned to the base's new generation
+        assert d.read(0, 20000) == b"b" * 8192 + b"t" * 4096 + b"b" * 7712
+        assert d.driver.info()["backing"]["identity"].startswith("vdisk uuid")

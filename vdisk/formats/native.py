@@ -46,6 +46,7 @@ from vdisk.formats.native_layout import (
     BACKING_FOREIGN,
     BACKING_NATIVE,
     BACKING_NONE,
+    BACKING_UNPINNED,
     DEFAULT_CLUSTER_SIZE,
     ENTRY,
     ENTRY_BITS,
@@ -1030,6 +1031,7 @@ class NativeDriver(Driver):
                 "identity": {
                     BACKING_NATIVE: "vdisk uuid + generation",
                     BACKING_FOREIGN: "size + xxh3 of head and tail",
+                    BACKING_UNPINNED: "not pinned",
                 }.get(h.backing_kind, "none"),
             }
         return out
@@ -1051,9 +1053,11 @@ class NativeDriver(Driver):
 
 
 def _set_backing_fields(hdr: Header, ref: BackingRef, base: Driver | None) -> None:
+    """Record ``ref`` and the identity of ``base``; without a base the reference is
+    unpinned (any image at that path is accepted), as `commit` needs while it rewrites it."""
     hdr.backing_path = ref.path
     hdr.backing_format = ref.format or ""
-    hdr.backing_kind = BACKING_FOREIGN
+    hdr.backing_kind = BACKING_FOREIGN if base is not None else BACKING_UNPINNED
     hdr.backing_uuid, hdr.backing_generation, hdr.backing_size, hdr.backing_digest = (
         bytes(16), 0, 0, 0,
     )  # fmt: skip

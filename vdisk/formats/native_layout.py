@@ -61,7 +61,7 @@ HEADER = struct.Struct(
 assert HEADER.size == 288
 HEADER_CHECKSUM = struct.Struct("<Q")
 
-BACKING_NONE, BACKING_NATIVE, BACKING_FOREIGN = 0, 1, 2
+BACKING_NONE, BACKING_NATIVE, BACKING_FOREIGN, BACKING_UNPINNED = 0, 1, 2, 3
 
 # -- docs/format.md "Snapshot table" / "Deferred-free list" -------------------------------
 
@@ -302,7 +302,7 @@ def parse_header(raw: bytes, path: str, where: int, file_size: int) -> Header:
         raise CorruptImage(
             f"{what}: backing path ({plen}) and format ({flen}) lengths do not fill the header"
         )
-    if bkind > BACKING_FOREIGN:
+    if bkind > BACKING_UNPINNED:
         raise CorruptImage(f"{what}: unknown backing kind {bkind}")
     try:
         bpath = raw[HEADER.size : HEADER.size + plen].decode()
