@@ -390,3 +390,21 @@ def test_commit_flatten_rebase(tmp_path, qemu_img):
     with vdisk.open(top, readonly=True) as d:
         assert d.info()["backing-chain"][0]["filename"] == base
         assert d.read(0, size) == bytes(model)
+
+
+@pytest.mark.parametrize("target", [1 << 50, 64 * 1024])
+def test_hostile_log_entry(small, target):
+    d = _open(small)
+    h, slot = d.header, d.header_slot
+    d.close()
+    guid = uuid.uuid4().bytes_le
+    fsize = os.path.getsize(small)
+    entry = vhdx.build_log_entry(3, guid, [(target, None)], fsize, fsize)
+    _patch(small, h.log_offset, entry)
+    h.log_guid = guid
+    h.seq += 1
+    _patch(small, vhdx.HEADER_OFFSETS[1 - slot], h.pack())
+    _expect(small, match="log entry 3 writes")
+    with pytest.raises(CorruptImage):
+        _open(small, readonly=False)
+    assert os.path.getsize(small) == fsize

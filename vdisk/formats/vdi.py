@@ -10,7 +10,9 @@ differencing image) or 0xFFFFFFFE for "discarded" (reads as zeros).
 A differencing image records only UUIDs: ``uuid_link`` is the parent's creation UUID and
 ``uuid_parent`` its modification UUID. The parent's path is not stored, so it comes from
 ``options["backing"]`` or from a search of the image's directory for a ``.vdi`` whose
-creation UUID matches (bounded: at most ``MAX_SCAN`` files are looked at).
+creation UUID matches (bounded: at most ``MAX_SCAN`` files are looked at). The first write
+of a session gives the image a new modification UUID (as VirtualBox does), so a
+differencing image made on the old content refuses the changed parent.
 
 Crash order of a block allocation: the data block is written past the end of the file,
 then its block map entry, then the header's allocated-block count. A crash before the map

@@ -32,6 +32,14 @@ BAT entry (8 bytes, one sector)  the new block is live             new content
 
 Zeroing or discarding an allocated block punches a hole in it and keeps it allocated
 (a fixed disk's blocks are never unallocated), so no space is leaked in the file.
+
+Metadata changes (the parent locator and the has-parent flag, on rebase, commit and
+flatten) do go through the log: one entry with the new pages, LogGuid set in the headers,
+the pages written in place, LogGuid cleared. A crash in between is replayed on next open.
+The first write of a session gives the file new FileWriteGuid and DataWriteGuid values, so
+a differencing disk made on the old content refuses the changed parent (``verify_backing``).
+Log entries are checked before they are replayed: none may write the headers, the log
+itself or past the file size the log records.
 """
 
 from __future__ import annotations
@@ -150,6 +158,7 @@ OFFSET_SHIFT = 20
 
 MIN_BLOCK, MAX_BLOCK, DEFAULT_BLOCK = 1 * MiB, 256 * MiB, 8 * MiB
 MAX_DISK = 64 << 40  # 64 TiB, the spec's limit
+MAX_FILE = 2 * MAX_DISK  # no valid image file is larger (data, bitmaps, metadata, log)
 SECTOR_BITMAP_BLOCK = 1 * MiB
 BITMAP_CACHE = 4 << 20
 DIFF_CLUSTER = 64 * KiB
@@ -384,6 +393,24 @@ def read_log(st: Storage, h: Header) -> tuple[list[_LogEntry], int]:
             f"{where}: file is {fsize} bytes but the VHDX log says {head.flushed} were flushed "
             "(the file was truncated)"
         )
+    if head.last > MAX_FILE:
+        raise CorruptImage(
+            f"{where}: VHDX log LastFileOffset {head.last} exceeds the limit {MAX_FILE}"
+        )
+    limit = max(fsize, head.last)
+    log_span = (h.log_offset, h.log_offset + h.log_length)
+    for e in best:
+        for off, n, _data in e.writes():
+            # the log never rewrites the headers or itself, nor writes past the file's end
+            if (
+                off < REGION_OFFSETS[0]
+                or off + n > limit
+                or (off < log_span[1] and log_span[0] < off + n)
+            ):
+                raise CorruptImage(
+                    f"{where}: VHDX log entry {e.seq} writes {n} bytes at {off}, outside "
+                    f"[{REGION_OFFSETS[0]}, {limit}) or into the log"
+                )
     return best, head.last
 
 
@@ -453,9 +480,9 @@ def replay_log(st: Storage, entries: list[_LogEntry], last: int) -> None:
         for off, n, data in e.writes():
             if data is None:
                 pos, end = off, off + n
-                while pos < end:
-                    k = min(MiB, end - pos)
-                    st.pwrite(pos, bytes(k))
+                while pos < end:  # in bounded pieces: punch_hole may fall back to writing
+                    k = min(64 * MiB, end - pos)
+                    st.punch_hole(pos, k)
                     pos += k
             else:
                 st.pwrite(off, data)
