@@ -504,3 +504,23 @@ def test_random_io_other_layouts(tmp_path, qemu_img, opts):
     ref = str(tmp_path / "ref.raw")
     _put(ref, model)
     qemu_img("compare", "-f", "vpc", "-F", "raw", img, ref)
+
+
+def test_differencing_over_qemu_parent(tmp_path, qemu_img, qemu_io):
+    """qemu 7.2 cannot create a differencing VHD (no backing support in vpc): vdisk makes
+    the child over a qemu-made parent; qemu still reads the child's own sectors right."""
+    parent = str(tmp_path / "qp.vhd")
+    qemu_img("create", "-q", "-f", "vpc", parent, str(SIZE))
+    qemu_io("-f", "vpc", "-c", f"write -P 0x61 0 {4 * M}", parent)
+    child = str(tmp_path / "qc.vhd")
+    vdisk.create(child, None, format="vhd", backing="qp.vhd")
+    with vdisk.open(child) as d:
+        size = d.size
+        d.write(2 * M - 512, b"\x62" * 1024)
+    model = bytearray(size)
+    model[: 4 * M] = b"\x61" * (4 * M)
+    model[2 * M - 512 : 2 * M + 512] = b"\x62" * 1024
+    with vdisk.open(child, readonly=True) as d:
+        assert d.read(0, size) == model
+    assert qemu_img("info", child).returncode == 0
+    qemu_io("-f", "vpc", "-c", f"read -P 0x62 {2 * M - 512} 1024", child)
