@@ -371,8 +371,7 @@ class RemoteDriver(Driver):
         self._spill_len = 0
         self._spill_entries: list[tuple[bytes, Loc]] = []
         self._session: dict[bytes, Loc] = {}  # clusters this open stored, by content key
-        self._fresh: set[bytes] = set()  # packs stored since the last commit
-        self._foreign: dict[bytes, set[int]] = {}  # pack -> clusters deduplicated against it
+        self._refs: set[bytes] = set()  # packs clusters were mapped to since the last commit
         self._bucket_index: dict[bytes, Loc] | None = None
         self._lock = threading.Lock()  # guards counters touched by worker threads
         self.counters = {
@@ -730,15 +729,13 @@ class RemoteDriver(Driver):
         loc = self._session.get(key)
         if loc is None and self.dedup:
             loc = self._dedup_lookup(key)
-        if loc is not None and loc.pack not in self._fresh:
-            # a pack of an earlier commit may be unreferenced by now: checked at commit
-            self._foreign.setdefault(loc.pack, set()).add(idx)
         if loc is not None:
             self.counters["clusters_deduplicated"] += 1
         else:
             if enc is None:
                 enc = codec.encode(raw, compress=self.compress)
             loc = self._append(key, *enc)
+        self._refs.add(loc.pack)  # checked at commit
         self._set_entry(
             idx, ENTRY.pack(loc.pack, loc.offset, loc.length, loc.codec, FLAG_DATA, 0, loc.cks, key)
         )
@@ -751,7 +748,6 @@ class RemoteDriver(Driver):
             self._spill_id = uuid.uuid4().bytes
             self._spill_len = 0
             self._spill_entries = []
-            self._fresh.add(self._spill_id)
         loc = Loc(self._spill_id, self._spill_len, len(stored), cdc, cks)
         self._spill.seek(self._spill_len)
         self._spill.write(stored)
@@ -863,20 +859,44 @@ class RemoteDriver(Driver):
             if ref is not None:
                 self.pages_lru.put(p, page)
 
-    def _rescue_foreign(self) -> None:
-        """Clusters deduplicated against another pack since the last commit: if gc has
-        condemned that pack (its index is gone), store them again in our own pack, so a
-        commit never references a pack that gc may delete."""
-        for pack, idxs in list(self._foreign.items()):
-            if self.client.head(f"index/{pack.hex()}") is not None:
+    def _mapped_to(self, pack: bytes) -> list[int]:
+        """Clusters whose entry points into ``pack`` (scans the map: only for rescues)."""
+        out = []
+        for pidx in range(len(self.pages)):
+            page = self._page(pidx)
+            if page is None or pack not in page:
                 continue
+            for i in range(PAGE_ENTRIES):
+                e = ENTRY.unpack_from(page, i * ENTRY.size)
+                if e[0] == pack and e[4] & FLAG_DATA:
+                    out.append(pidx * PAGE_ENTRIES + i)
+        return out
+
+    def _rescue(self) -> None:
+        """Every pack a cluster was mapped to since the last commit (deduplicated against
+        another image's pack, or our own pack uploaded long ago): if gc has condemned it
+        (its index is gone), store those clusters again in a new pack, so a commit never
+        references a pack that gc is about to delete. One HEAD per pack, in parallel."""
+        self._seal()
+        packs = list(self._refs)
+        alive = list(
+            self.executor.map(lambda p: self.client.head(f"index/{p.hex()}") is not None, packs)
+        )
+        for pack, ok in zip(packs, alive):
+            if ok:
+                continue
+            log.info(
+                "%s: pack %s was condemned by gc: storing its clusters again",
+                self.storage.path,
+                pack.hex(),
+            )
+            self._session = {k: v for k, v in self._session.items() if v.pack != pack}
             if self._bucket_index is not None:
                 for k in [k for k, loc in self._bucket_index.items() if loc.pack == pack]:
                     del self._bucket_index[k]
-            for idx in sorted(idxs):
+            for idx in self._mapped_to(pack):
                 _flags, loc, key = self._parse(idx, self._entry(idx))
-                if loc is None or loc.pack != pack:
-                    continue
+                assert loc is not None
                 stored = self._get_run(pack, [(idx, loc, key)])[idx]
                 new = self._append(key, loc.codec, stored, loc.cks)
                 self._set_entry(
@@ -885,7 +905,7 @@ class RemoteDriver(Driver):
                         new.pack, new.offset, new.length, new.codec, FLAG_DATA, 0, new.cks, key
                     ),
                 )
-        self._foreign.clear()
+        self._refs.clear()
 
     def flush(self) -> None:
         if self.readonly or not self.changed:
@@ -894,7 +914,7 @@ class RemoteDriver(Driver):
         self._commit()
 
     def _commit(self, snapshots: list[dict[str, Any]] | None = None) -> None:
-        self._rescue_foreign()
+        self._rescue()
         self._upload_pages()
         number = self.number + 1
         m = {
@@ -922,7 +942,6 @@ class RemoteDriver(Driver):
             raise ImageLocked(self.stale)
         self._apply(m)
         self.changed = False
-        self._fresh.clear()
         self.counters["commits"] += 1
 
     # -- snapshots -------------------------------------------------------------------
