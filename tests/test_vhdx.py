@@ -42,21 +42,28 @@ QEMU_WRITES = [
     "write -P 0x22 1020k 8k",
     "write -P 0x33 2560k 2m",
     "write -P 0x44 5m 512",
+    "write -P 0x55 9m 512",
     "write -z 3m 64k",
 ]
 
 
-@pytest.mark.parametrize("subformat,block", [("dynamic", "1M"), ("fixed", "1M"), ("dynamic", "8M")])
-def test_reads_qemu_images(tmp_path, qemu_img, qemu_io, subformat, block):
+@pytest.mark.parametrize(
+    "opts",
+    [
+        "subformat=dynamic,block_size=1M",
+        "subformat=fixed,block_size=1M",
+        "subformat=dynamic,block_size=8M",
+        "subformat=fixed,block_size=8M,block_state_zero=off",  # a short last block
+    ],
+)
+def test_reads_qemu_images(tmp_path, qemu_img, qemu_io, opts):
     path = str(tmp_path / "q.vhdx")
-    qemu_img(
-        "create", "-q", "-f", "vhdx", "-o", f"subformat={subformat},block_size={block}", path, "9M"
-    )
+    qemu_img("create", "-q", "-f", "vhdx", "-o", opts, path, str(9 * MiB + 512))
     qemu_io(*[a for w in QEMU_WRITES for a in ("-c", w)], path)
     want = _qemu_raw(qemu_img, path, tmp_path)
     d = _open(path)
     try:
-        assert d.size == 9 * MiB
+        assert d.size == 9 * MiB + 512
         assert d.read(0, d.size) == want
         # unaligned reads across block boundaries
         for off, n in [(MiB - 100, 300), (2560 * 1024 - 1, 2 * MiB + 2), (5 * MiB + 511, 2)]:

@@ -788,14 +788,19 @@ class VhdxDriver(Driver):
                     "without a parent"
                 )
             fsize = self.storage.size()
-            if host < MiB or host + self.block_size > fsize:
+            used = self._used(block)  # qemu's fixed disks end right after the last block's data
+            if host < MiB or host + used > fsize:
                 raise CorruptImage(
-                    f"{self.storage.path}: BAT entry of block {block} points at {host}, outside "
-                    f"the file's data area (1 MiB..{fsize - self.block_size})"
+                    f"{self.storage.path}: BAT entry of block {block} points at {host}, but "
+                    f"its {used} bytes must lie in the file's data area (1 MiB..{fsize})"
                 )
         elif state not in STATE_NAMES:
             raise CorruptImage(f"{self.storage.path}: BAT entry of block {block} has state {state}")
         return state, host
+
+    def _used(self, block: int) -> int:
+        """Bytes of payload block ``block`` that hold guest data (less for the last one)."""
+        return min(self.block_size, self.size - block * self.block_size)
 
     def _bitmap(self, block: int) -> bytearray:
         """The sector bitmap bits of one payload block (bit i = sector i is in this file)."""
@@ -1215,7 +1220,7 @@ class VhdxDriver(Driver):
             if host < MiB or host + length > fsize:
                 rep.corruptions.append(f"{what} at {host} is outside the file ({fsize})")
                 return
-            for m in range(host // MiB, (host + length) // MiB):
+            for m in range(host // MiB, -(-(host + length) // MiB)):
                 if taken[m >> 3] & (1 << (m & 7)):
                     rep.corruptions.append(f"{what} at {host} overlaps other data")
                     return
@@ -1231,7 +1236,8 @@ class VhdxDriver(Driver):
                     rep.corruptions.append(f"sector bitmap entry {i} has state {state}")
                 continue
             if state in (FULLY_PRESENT, PARTIALLY_PRESENT):
-                claim(f"BAT entry {i}", host, self.block_size)
+                blk = i - i // (self.chunk_ratio + 1)
+                claim(f"BAT entry {i}", host, self._used(blk) if blk < self.blocks else 0)
             elif state not in STATE_NAMES:
                 rep.corruptions.append(f"BAT entry {i} has state {state}")
         rep.info = {"bat-entries": self.bat.count, "log-replayed": self.replayed}
