@@ -22,8 +22,11 @@ Writing: flat and sparse extents fully. Stream-optimized (compressed) extents ac
 write, but every write of a grain appends a new compressed copy (an older copy is left
 behind as unreferenced space, as qemu does for nothing: it refuses such rewrites); vdisk's
 own streamOptimized images keep their GTs and GD at the end of the file, rewritten at every
-``flush``. The crash order for a new grain is: grain data, then the GT entry (and the
-redundant GT's), then ``flush`` makes both durable. The first write of a session gives the
+``flush``. Crash order for new grains of a batch (``write_many``, what the cache uses):
+grain data, a barrier, then the GT entries (and the redundant GT's), so a GT entry never
+names a grain a crash could lose; a single ``write`` skips the barrier (``flush`` makes
+everything durable). A stream-optimized image being appended to has no valid footer
+until ``flush``/``close`` writes GTs, GD and footer again (as VMware's stream writer). The first write of a session gives the
 disk a new CID, so children made on the old content notice (as VMware and qemu do).
 """
 
@@ -461,6 +464,8 @@ class _Sparse:
         self.dirty_gts: dict[int, array] = {}  # GD-at-end mode: GTs not yet written out
         self.tail_open = False  # GD-at-end mode: the trailer was cut off for appending
         self._last: tuple[int, bytes] | None = None  # last decompressed grain
+        #: while write_many runs: GT entries of new grains, written after a barrier
+        self.pending: dict[int, int] | None = None
 
     def _read_footer(self) -> None:
         """GD at end: the footer (a header copy with the real gdOffset) sits 1024 bytes
@@ -509,6 +514,10 @@ class _Sparse:
         return t
 
     def entry(self, g: int) -> int:
+        if self.pending:
+            v = self.pending.get(g)
+            if v is not None:
+                return v
         t = self._gt(g // self.h.gtes)
         return 0 if t is None else t[g % self.h.gtes]
 
@@ -703,7 +712,19 @@ class _Sparse:
         else:
             at = self._alloc(self.grain)
             self.storage.pwrite(at, full)
-        self._set_entry(g, at // SECTOR)
+        if self.pending is not None and not self.gd_at_end:
+            self.pending[g] = at // SECTOR
+        else:
+            self._set_entry(g, at // SECTOR)
+
+    def commit_pending(self) -> None:
+        """The grains of a batch are on disk: one barrier, then the GT entries naming
+        them, so no GT entry ever names a grain that a crash could lose."""
+        pending, self.pending = self.pending, None
+        if pending:
+            self.storage.sync()
+            for g in sorted(pending):
+                self._set_entry(g, pending[g])
 
     def zero(self, off: int, n: int) -> None:
         """Whole grains become unallocated (no parent) or zeroed grains; the rest is written."""
@@ -1008,6 +1029,21 @@ class VmdkDriver(Driver):
                 ext._write_grain(g, 0, full, ext.entry(g), comp)
             batch.clear()
 
+        sparse = [e for e in self.extents if isinstance(e, _Sparse) and not e.gd_at_end]
+        for e in sparse:
+            e.pending = {}
+        try:
+            self._write_batch(writes, batch, drain)
+        finally:
+            for e in sparse:
+                e.commit_pending()
+
+    def _write_batch(
+        self,
+        writes: list[tuple[int, bytes]],
+        batch: list[tuple[_Sparse, int, bytes]],
+        drain: Any,
+    ) -> None:
         for offset, data in writes:
             pos = 0
             for e, off, _, n in self._pieces(offset, len(data)):
