@@ -6,6 +6,7 @@ session on free loopback ports; tests use their own buckets. No S3 fakes.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -57,10 +58,12 @@ class Weed:
         self.dir = base / "data"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.conf = base / "s3.json"
-        self.conf.write_text(
-            '{"identities":[{"name":"vdisk","credentials":[{"accessKey":"%s","secretKey":"%s"}],'
-            '"actions":["Admin","Read","Write","List","Tagging"]}]}' % (KEY, SECRET)
-        )
+        ident = {
+            "name": "vdisk",
+            "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }
+        self.conf.write_text(json.dumps({"identities": [ident]}))
         self.log = base / "weed.log"
         ports: set[int] = set()
         while len(ports) < 4:
@@ -79,6 +82,7 @@ class Weed:
             f"-dir={self.dir}",
             f"-master.port={self.master}",
             "-master.volumeSizeLimitMB=64",
+            "-master.electionTimeout=1s",  # a restart elects itself quickly (default 10 s)
             f"-volume.port={self.volume}",
             "-volume.max=200",
             "-filer",
