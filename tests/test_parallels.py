@@ -19,6 +19,8 @@ from vdisk.formats.base import Kind
 from vdisk.storage import FileStorage
 
 MiB = 1 << 20
+DRIVER_CLASS = prl.ParallelsDriver
+HOT_OFFSETS = [0, 16, 28, 32, 36, 48, 64]
 
 
 def _open(path: str, readonly: bool = True) -> prl.ParallelsDriver:
@@ -294,3 +296,32 @@ def test_resize_grows(tmp_path, qemu_img):
     ref.write_bytes(b"a" * (3 * MiB - 512) + bytes(4 * MiB + 512 - 4096) + b"b" * 4096)
     qemu_img("check", p)
     qemu_img("compare", "-f", "parallels", "-F", "raw", p, str(ref))
+
+
+def test_mutated_headers_give_clear_errors(small):
+    """Seeded random damage to the header and tables: only vdisk errors, bounded time."""
+    import random
+    import time
+
+    from vdisk.storage import MemoryStorage
+
+    cls = DRIVER_CLASS
+    orig = Path(small).read_bytes()
+    rng = random.Random(1)
+    for _ in range(60):
+        buf = bytearray(orig)
+        for _ in range(rng.randint(1, 6)):
+            at = rng.choice(HOT_OFFSETS) + rng.randrange(96)
+            if at < len(buf):
+                buf[at] = rng.randrange(256)
+        for readonly in (True, False):
+            t = time.monotonic()
+            try:
+                d = cls.open(MemoryStorage(small, bytes(buf)), readonly=readonly, options={})
+                d.read(0, min(d.size, 8 * MiB))
+                d.check()
+                if not readonly:
+                    d.write(0, b"x" * 4096)
+            except VdiskError:
+                pass
+            assert time.monotonic() - t < 5

@@ -19,6 +19,8 @@ from vdisk.formats.base import Kind
 from vdisk.storage import FileStorage
 
 MiB = 1 << 20
+DRIVER_CLASS = vdi.VdiDriver
+HOT_OFFSETS = [0x40, 0x150, 0x170, 0x180, 0x200]
 
 
 def _open(path: str, readonly: bool = True, **options) -> vdi.VdiDriver:
@@ -274,3 +276,32 @@ def test_commit_flatten_rebase(tmp_path, qemu_img):
     with vdisk.open(top, readonly=True) as d:
         assert d.info()["backing-chain"][0]["filename"] == base
         assert d.read(0, size) == bytes(model)
+
+
+def test_mutated_headers_give_clear_errors(small):
+    """Seeded random damage to the header and tables: only vdisk errors, bounded time."""
+    import random
+    import time
+
+    from vdisk.storage import MemoryStorage
+
+    cls = DRIVER_CLASS
+    orig = Path(small).read_bytes()
+    rng = random.Random(1)
+    for _ in range(60):
+        buf = bytearray(orig)
+        for _ in range(rng.randint(1, 6)):
+            at = rng.choice(HOT_OFFSETS) + rng.randrange(96)
+            if at < len(buf):
+                buf[at] = rng.randrange(256)
+        for readonly in (True, False):
+            t = time.monotonic()
+            try:
+                d = cls.open(MemoryStorage(small, bytes(buf)), readonly=readonly, options={})
+                d.read(0, min(d.size, 8 * MiB))
+                d.check()
+                if not readonly:
+                    d.write(0, b"x" * 4096)
+            except VdiskError:
+                pass
+            assert time.monotonic() - t < 5

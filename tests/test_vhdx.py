@@ -22,6 +22,8 @@ from vdisk.formats.base import Kind
 from vdisk.storage import FileStorage
 
 MiB = 1 << 20
+DRIVER_CLASS = vhdx.VhdxDriver
+HOT_OFFSETS = [0, 64 * 1024, 128 * 1024, 192 * 1024, 2 * MiB, 3 * MiB, 3 * MiB + 65536]
 
 
 def _open(path: str, readonly: bool = True) -> vhdx.VhdxDriver:
@@ -415,3 +417,32 @@ def test_hostile_log_entry(small, target):
     with pytest.raises(CorruptImage):
         _open(small, readonly=False)
     assert os.path.getsize(small) == fsize
+
+
+def test_mutated_headers_give_clear_errors(small):
+    """Seeded random damage to the header and tables: only vdisk errors, bounded time."""
+    import random
+    import time
+
+    from vdisk.storage import MemoryStorage
+
+    cls = DRIVER_CLASS
+    orig = Path(small).read_bytes()
+    rng = random.Random(1)
+    for _ in range(60):
+        buf = bytearray(orig)
+        for _ in range(rng.randint(1, 6)):
+            at = rng.choice(HOT_OFFSETS) + rng.randrange(96)
+            if at < len(buf):
+                buf[at] = rng.randrange(256)
+        for readonly in (True, False):
+            t = time.monotonic()
+            try:
+                d = cls.open(MemoryStorage(small, bytes(buf)), readonly=readonly, options={})
+                d.read(0, min(d.size, 8 * MiB))
+                d.check()
+                if not readonly:
+                    d.write(0, b"x" * 4096)
+            except VdiskError:
+                pass
+            assert time.monotonic() - t < 5

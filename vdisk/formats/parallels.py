@@ -300,9 +300,10 @@ class ParallelsDriver(Driver):
         if magic == MAGIC_EXT and data_off == 0:
             raise CorruptImage(f"{where}: data_off is 0 in a WithouFreSpacExt image")
         data = data_off * SECTOR if data_off else -(-bat_end // SECTOR) * SECTOR
-        if data < bat_end:
+        if data < bat_end or data > fsize:
             raise CorruptImage(
-                f"{where}: data offset {data} lies inside the BAT (which ends at {bat_end})"
+                f"{where}: data offset {data} lies inside the BAT (which ends at {bat_end}) "
+                f"or past the end of the file ({fsize})"
             )
         self.size = size
         self.cluster_size = cs

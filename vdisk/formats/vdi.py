@@ -232,10 +232,11 @@ def read_header(storage: Storage) -> VdiHeader:
             f"{where}: VDI block map at {h.offset_bmap} of {h.blocks_in_image} entries ends at "
             f"{bmap_end}, past the end of the file ({fsize})"
         )
-    if h.offset_data < bmap_end or h.offset_data % SECTOR:
+    if h.offset_data < bmap_end or h.offset_data % SECTOR or h.offset_data > fsize:
         raise CorruptImage(
             f"{where}: VDI offset_data {h.offset_data} overlaps the block map "
-            f"(ends at {bmap_end}) or is not sector-aligned"
+            f"(ends at {bmap_end}), is not sector-aligned or lies past the end of the file "
+            f"({fsize})"
         )
     return h
 
