@@ -475,6 +475,11 @@ def test_simple_replies_and_read_only_errors(serve, tmp_path: Path) -> None:
         assert c.simple_reply() == (EINVAL, 20)
         c.send_request(FLUSH, 21, 0, 0)
         assert c.simple_reply() == (0, 21)
+        c.send_request(READ, 23, 4096, 0)  # zero length: a reply without data
+        c.send_request(READ, 24, SIZE - 10, 10)
+        assert c.simple_reply() == (0, 23)
+        assert c.simple_reply() == (0, 24)
+        assert c.recv(10) == bytes(10)
         c.send_request(DISC, 22, 0, 0)
         assert c.sock.recv(1) == b""
 

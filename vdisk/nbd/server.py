@@ -206,17 +206,14 @@ class _Connection:
                 await self.stream.send_all(parts[0])
                 return
             sock = self.stream.socket
-            bufs = list(parts)
+            bufs = [p for p in parts if len(p)]
             while bufs:
                 n = await sock.sendmsg(bufs[:512])
-                while n:
-                    first = len(bufs[0])
-                    if n >= first:
-                        n -= first
-                        bufs.pop(0)
-                    else:
-                        bufs[0] = memoryview(bufs[0])[n:]
-                        n = 0
+                while bufs and n >= len(bufs[0]):
+                    n -= len(bufs[0])
+                    bufs.pop(0)
+                if n:
+                    bufs[0] = memoryview(bufs[0])[n:]
 
     # -- the handshake -------------------------------------------------------------------
 
