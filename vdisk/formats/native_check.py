@@ -251,11 +251,16 @@ def compact(drv: NativeDriver) -> int:
         if last + 1 < drv.host_slots:
             drv.host_slots = last + 1
             drv.free_hint = drv.first_slot
-    drv.changed = True
-    drv.flush()
+    # Both header copies must fit in the file after truncation (the older copy is the
+    # fallback if the newest is ever damaged): commit twice more, cut at the larger end.
+    ends = []
+    for _ in range(2):
+        drv.changed = True
+        drv.flush()
+        ends.append(drv.host_slots)
     cs, cbits = drv.cluster_size, drv.cluster_bits
-    if st.size() > drv.host_slots << cbits:
-        st.truncate(drv.host_slots << cbits)
+    if st.size() > max(ends) << cbits:
+        st.truncate(max(ends) << cbits)
     punched = 0
     run_start = None
     for s in range(drv.first_slot, drv.host_slots + 1):
