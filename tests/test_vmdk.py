@@ -410,6 +410,13 @@ ddb.adapterType = "ide"
         ('RW 2048 VMFSSPARSE "d-flat.vmdk"', "", "unsupported type"),
         ('RW 2048 FLAT "d-flat.vmdk" 0', "garbage line here\n", "neither"),
         ('RW 2048 FLAT "d-flat.vmdk" 0', "\0\0junk", "NUL"),
+        ('RW \u00b2\u00b3 FLAT "d-flat.vmdk" 0', "", "malformed"),  # non-ASCII digits
+        # a line built to make a backtracking parser hang: refused at once
+        (
+            'RW 2048 FLAT "d-flat.vmdk" 0',
+            "a" + " " * 300000 + "= x" + " " * 300000 + "y\n",
+            "limit",
+        ),
     ],
 )
 def test_descriptor_injection(tmp_path, extents, extra, match):

@@ -109,10 +109,48 @@ GT_CACHE_BYTES = 32 << 20
 DEFAULT_GRAIN = 65536
 TWO_GB = 2 << 30
 
-EXTENT_LINE = re.compile(
-    r'^(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Z]+)(?:\s+"([^"]*)"(?:\s+(\d+))?)?\s*$'
-)
-KEY_LINE = re.compile(r"^([A-Za-z0-9_.]+)\s*=\s*(.*?)\s*$")
+KEY_NAME = re.compile(r"[A-Za-z0-9_.]+")
+ACCESS = ("RW", "RDONLY", "NOACCESS")
+MAX_LINE = 4096  # a longer descriptor line is refused (no path or value needs more)
+
+
+def _key_value(line: str) -> tuple[str, str] | None:
+    """``key = value`` split by hand (a regex over untrusted text could backtrack)."""
+    key, eq, value = line.partition("=")
+    key = key.strip()
+    if not eq or not KEY_NAME.fullmatch(key):
+        return None
+    return key, value.strip()
+
+
+def _digits(t: str) -> bool:
+    return t.isascii() and t.isdigit()
+
+
+def _extent_line(line: str) -> ExtentLine | None:
+    """``ACCESS SECTORS TYPE ["FILE" [OFFSET]]``, or None when malformed."""
+    parts = line.split(None, 3)
+    if len(parts) < 3 or parts[0] not in ACCESS or not _digits(parts[1]):
+        return None
+    if not (parts[2].isascii() and parts[2].isalpha() and parts[2].isupper()):
+        return None
+    fname, off = None, 0
+    if len(parts) == 4:
+        rest = parts[3]
+        if not rest.startswith('"'):
+            return None
+        close = rest.find('"', 1)
+        if close < 0:
+            return None
+        fname = rest[1:close]
+        tail = rest[close + 1 :].strip()
+        if tail:
+            if not _digits(tail):
+                return None
+            off = int(tail)
+    return ExtentLine(parts[0], int(parts[1]), parts[2], fname, off)
+
+
 SUBFORMATS = (
     "monolithicSparse",
     "monolithicFlat",
@@ -177,8 +215,8 @@ class Descriptor:
         """The descriptor text with every ``key=...`` line removed."""
         out = []
         for line in self.lines:
-            m = KEY_LINE.match(line.strip())
-            if m and m.group(1) == key and not line.lstrip().startswith("#"):
+            kv = _key_value(line)
+            if kv and kv[0] == key and not line.lstrip().startswith("#"):
                 continue
             out.append(line)
         return "\n".join(out).rstrip("\n") + "\n"
@@ -187,8 +225,8 @@ class Descriptor:
         """The descriptor text with ``key`` set (replaced in place, or added after CID)."""
         out, done = [], False
         for line in self.lines:
-            m = KEY_LINE.match(line.strip())
-            if m and m.group(1) == key and not line.lstrip().startswith("#"):
+            kv = _key_value(line)
+            if kv and kv[0] == key and not line.lstrip().startswith("#"):
                 out.append(f"{key}={value}")
                 done = True
             else:
@@ -244,21 +282,26 @@ def parse_descriptor(raw: bytes, where: str) -> Descriptor:
         s = body.strip()
         if not s or s.startswith("#"):
             continue
-        m = EXTENT_LINE.match(s)
-        if m:
+        if len(s) > MAX_LINE:
+            raise CorruptImage(
+                f"{where}: descriptor line {no} is {len(s)} characters long (limit {MAX_LINE})"
+            )
+        if s.split(None, 1)[0] in ACCESS:
+            ext = _extent_line(s)
+            if ext is None:
+                raise CorruptImage(
+                    f"{where}: descriptor line {no} is a malformed extent: {s[:80]!r}"
+                )
             if len(extents) >= MAX_EXTENTS:
                 raise CorruptImage(f"{where}: more than {MAX_EXTENTS} extents")
-            access, sectors, etype, fname, off = m.groups()
-            extents.append(ExtentLine(access, int(sectors), etype, fname, int(off or 0)))
+            extents.append(ext)
             continue
-        if s.split(None, 1)[0] in ("RW", "RDONLY", "NOACCESS"):
-            raise CorruptImage(f"{where}: descriptor line {no} is a malformed extent: {s[:80]!r}")
-        m = KEY_LINE.match(s)
-        if not m:
+        kv = _key_value(s)
+        if kv is None:
             raise CorruptImage(
                 f"{where}: descriptor line {no} is neither key=value nor an extent: {s[:80]!r}"
             )
-        key, value = m.groups()
+        key, value = kv
         if value.startswith('"'):
             if len(value) < 2 or not value.endswith('"') or '"' in value[1:-1]:
                 raise CorruptImage(
