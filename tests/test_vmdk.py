@@ -418,6 +418,7 @@ ddb.adapterType = "ide"
             "limit",
         ),
     ],
+    ids=lambda v: repr(v)[:24],
 )
 def test_descriptor_injection(tmp_path, extents, extra, match):
     with open(tmp_path / "d-flat.vmdk", "wb") as f:
