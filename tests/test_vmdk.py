@@ -581,3 +581,32 @@ def test_crash_order_of_new_grains():
             c = VmdkDriver.open(MemoryStorage("crash.vmdk", img), readonly=True, options={})
             for off, data in writes:
                 assert c.read(off, 4096) in (bytes(4096), data), f"op {n} {policy} at {off}"
+
+
+def test_grain_tables_allocated_on_demand(tmp_path, qemu_img):
+    """A sparse extent whose GD entries are 0 (no GT yet, which VMware allows): the first
+    write into that range appends a GT and its redundant copy, and qemu reads the result."""
+    img = str(tmp_path / "g.vmdk")
+    vdisk.create(img, 96 * M, format="vmdk")  # 3 grain tables of 32 MiB
+    raw = bytearray(_read(img))
+    rgd = struct.unpack_from("<Q", raw, 48)[0] * 512
+    gd = struct.unpack_from("<Q", raw, 56)[0] * 512
+    for base in (gd, rgd):
+        raw[base + 4 : base + 12] = bytes(8)  # GTs 1 and 2 not allocated
+    _put(img, bytes(raw))
+    with vdisk.open(img, readonly=True) as d:
+        assert d.read(32 * M - 4096, 8192) == bytes(8192)
+        assert d.block_status(32 * M, 64 * M)[0].kind == Kind.HOLE
+    data = pattern(32 * M - 4096, 33 * M, seed=4)
+    with vdisk.open(img) as d:
+        d.write(32 * M - 4096, data)  # crosses GT 0 -> 1 -> 2
+    model = bytearray(96 * M)
+    model[32 * M - 4096 : 65 * M - 4096] = data
+    with vdisk.open(img, readonly=True) as d:
+        for off in (0, 32 * M - 64 * K, 64 * M - 64 * K, 95 * M):
+            assert d.read(off, M) == model[off : off + M]
+        assert d.check().exit_code == 0
+    assert qemu_img("check", img, check=False).returncode == 0
+    ref = str(tmp_path / "ref.raw")
+    _put(ref, model)
+    qemu_img("compare", "-f", "vmdk", "-F", "raw", img, ref)
