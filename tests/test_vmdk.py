@@ -597,11 +597,12 @@ def test_grain_tables_allocated_on_demand(tmp_path, qemu_img):
     with vdisk.open(img, readonly=True) as d:
         assert d.read(32 * M - 4096, 8192) == bytes(8192)
         assert d.block_status(32 * M, 64 * M)[0].kind == Kind.HOLE
-    data = pattern(32 * M - 4096, 33 * M, seed=4)
-    with vdisk.open(img) as d:
-        d.write(32 * M - 4096, data)  # crosses GT 0 -> 1 -> 2
     model = bytearray(96 * M)
-    model[32 * M - 4096 : 65 * M - 4096] = data
+    with vdisk.open(img) as d:
+        for off in (32 * M - 4096, 64 * M - 4096):  # crosses GT 0 -> 1, then 1 -> 2
+            data = pattern(off, M, seed=4)
+            d.write(off, data)
+            model[off : off + M] = data
     with vdisk.open(img, readonly=True) as d:
         for off in (0, 32 * M - 64 * K, 64 * M - 64 * K, 95 * M):
             assert d.read(off, M) == model[off : off + M]
