@@ -611,3 +611,21 @@ def test_grain_tables_allocated_on_demand(tmp_path, qemu_img):
     ref = str(tmp_path / "ref.raw")
     _put(ref, model)
     qemu_img("compare", "-f", "vmdk", "-F", "raw", img, ref)
+
+
+def test_write_into_qemu_stream_optimized(tmp_path, qemu_img):
+    """qemu's streamOptimized keeps its GD and GTs near the start (not at the end): vdisk
+    appends compressed grains and updates those GTs in place; qemu reads the result."""
+    writes = _pattern_writes(seed=11)
+    ref = _raw_reference(tmp_path, writes)
+    img = str(tmp_path / "qs.vmdk")
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", ref, img)
+    more = [(60 * K + 1000, b"\x5b" * 5000), (40 * M + 7, pattern(40 * M + 7, 70000, seed=12))]
+    with vdisk.open(img) as d:
+        for off, data in more:
+            d.write(off, data)
+    writes += more
+    _check_reads(img, writes)
+    assert qemu_img("check", img, check=False).returncode == 0
+    ref = _raw_reference(tmp_path, writes)
+    qemu_img("compare", "-f", "vmdk", "-F", "raw", img, ref)
