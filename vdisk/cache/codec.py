@@ -60,12 +60,14 @@ def encode(
 ) -> tuple[int, bytes, int]:
     """(codec id, stored bytes, checksum of the stored bytes) for one cluster or table.
 
-    lz4 is used only when it brings the size under 7/8 of the original."""
-    raw = bytes(data)
-    if compress and len(raw) >= 64:
-        packed = lz4.block.compress(raw, store_size=False)
-        if len(packed) * KEEP_DEN < len(raw) * KEEP_NUM:
+    lz4 is used only when it brings the size under 7/8 of the original. ``data`` is not
+    copied unless it has to be stored raw and is not already ``bytes``."""
+    n = len(data)
+    if compress and n >= 64:
+        packed = lz4.block.compress(data, store_size=False)
+        if len(packed) * KEEP_DEN < n * KEEP_NUM:
             return LZ4, packed, checksum(packed)
+    raw = data if isinstance(data, bytes) else bytes(data)
     return RAW, raw, checksum(raw)
 
 

@@ -522,10 +522,18 @@ class NativeDriver(Driver):
 
     def read(self, offset: int, length: int) -> bytes:
         cs = self.cluster_size
-        out = bytearray(length)
-        jobs: list[tuple[int, int, int, int, Entry]] = []  # (out pos, cluster, within, n, entry)
         c0 = offset >> self.cluster_bits
         c1 = (offset + length + cs - 1) >> self.cluster_bits
+        if c1 - c0 == 1:  # the common case (the cache reads whole clusters): no run walk
+            e = self._entry(c0)
+            if e is None or e.host == 0:
+                return codec.zeros(length)
+            self.counters["clusters_read"] += 1
+            data = self._read_cluster(c0, e)
+            within = offset - (c0 << self.cluster_bits)
+            return data if length == cs else data[within : within + length]
+        out = bytearray(length)
+        jobs: list[tuple[int, int, int, int, Entry]] = []  # (out pos, cluster, within, n, entry)
         for kind, a, _b, e in self._runs(c0, c1):
             if kind != Kind.DATA or e is None:
                 continue
@@ -536,9 +544,8 @@ class NativeDriver(Driver):
             datas = list(self._pool().map(lambda j: self._read_cluster(j[1], j[4]), jobs))
         else:
             datas = [self._read_cluster(j[1], j[4]) for j in jobs]
-        if len(jobs) == 1 and length == self.cluster_size and jobs[0][2] == 0:
-            self.counters["clusters_read"] += 1
-            return datas[0]
+        if not jobs:
+            return codec.zeros(length)
         for (pos, _c, within, n, _e), data in zip(jobs, datas):
             out[pos : pos + n] = memoryview(data)[within : within + n]
         self.counters["clusters_read"] += len(jobs)
@@ -592,6 +599,9 @@ class NativeDriver(Driver):
         cs = self.cluster_size
         whole: list[tuple[int, bytes]] = []
         for offset, data in writes:
+            if len(data) == cs and not offset & (cs - 1) and isinstance(data, bytes):
+                whole.append((offset >> self.cluster_bits, data))  # the common case: no copy
+                continue
             mv = memoryview(data)
             pos = 0
             for c, within, n in cluster_spans(offset, len(mv), cs):
