@@ -629,3 +629,18 @@ def test_write_into_qemu_stream_optimized(tmp_path, qemu_img):
     assert qemu_img("check", img, check=False).returncode == 0
     ref = _raw_reference(tmp_path, writes)
     qemu_img("compare", "-f", "vmdk", "-F", "raw", img, ref)
+
+
+def test_read_coalesces_only_true_runs(tmp_path):
+    """Grains 0 and 2 lie back to back in the file with grain 1 unallocated between them
+    in guest space: one read across all three must not join them into one host run."""
+    img = str(tmp_path / "gap.vmdk")
+    vdisk.create(img, M, format="vmdk")
+    d = VmdkDriver.open(FileStorage(img, readonly=False), readonly=False, options={})
+    try:
+        d.write(0, b"A" * 64 * K)
+        d.write(128 * K, b"C" * 64 * K)
+        assert d.read(0, 192 * K) == b"A" * 64 * K + bytes(64 * K) + b"C" * 64 * K
+        assert d.read(60 * K, 72 * K) == b"A" * 4 * K + bytes(64 * K) + b"C" * 4 * K
+    finally:
+        d.close()

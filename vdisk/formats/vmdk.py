@@ -624,18 +624,30 @@ class _Sparse:
         return data
 
     def read(self, off: int, n: int) -> bytes:
-        out = bytearray()
+        out = bytearray(n)
+        pos = 0
+        run_host = run_pos = run_len = 0  # grains stored back to back: one pread
+
+        def take() -> None:
+            if run_len:
+                out[run_pos : run_pos + run_len] = self.storage.pread_exact(
+                    run_host, run_len, "grains"
+                )
+
         for g, within, k, e in self._spans(off, n):
             if e in (GTE_UNALLOCATED, GTE_ZEROED):
-                out += bytes(k)
+                pass  # out is zero-filled
             elif self.compressed:
-                out += self._grain_data(g, e)[within : within + k]
+                out[pos : pos + k] = self._grain_data(g, e)[within : within + k]
             else:
                 host = self._host(g, e, within, k)
-                data = self.storage.pread(host, k)
-                out += data
-                if len(data) < k:
-                    out += bytes(k - len(data))
+                if run_len and run_host + run_len == host and run_pos + run_len == pos:
+                    run_len += k
+                else:
+                    take()
+                    run_host, run_pos, run_len = host, pos, k
+            pos += k
+        take()
         return bytes(out)
 
     def status(self, off: int, n: int) -> list[Extent]:
