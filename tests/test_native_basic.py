@@ -407,3 +407,18 @@ def test_metadata_cache_is_bounded_and_counted() -> None:
     s = d.stats()["metadata_cache"]
     assert s["capacity"] == int(0.05 * (1 << 20)) and s["bytes"] <= s["capacity"] + 4096
     assert s["misses"] > 0 and s["hits"] > 0 and s["evictions"] > 0
+
+
+def test_open_and_close_without_writes_does_not_commit(tmp_path) -> None:
+    """Opening a base for writing and closing it unchanged must not change its identity
+    (overlays pin the generation)."""
+    p = str(tmp_path / "n.vdisk")
+    vdisk.create(p, "1M")
+    for _ in range(2):
+        with vdisk.open(p) as d:
+            gen = d.driver.generation
+            d.read(0, 4096)
+        with vdisk.open(p, readonly=True) as d:
+            assert d.driver.generation == gen
+        with vdisk.open(p) as d:
+            d.write(0, b"x")

@@ -235,6 +235,7 @@ class NativeDriver(Driver):
                 )
             for s in range(self.first_slot):
                 self._rc_set(s, 1)
+            self.changed = False  # not a change of the image: no commit just for this
 
     def _read_headers(self) -> Header:
         st = self.storage
