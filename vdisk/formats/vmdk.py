@@ -18,16 +18,20 @@ zeroed grain. Stream-optimized extents store each grain deflate-compressed behin
 12-byte grain marker; their GD may live at the end of the file ("GD at end", found via
 the footer, a copy of the header 1024 bytes before the end of the file).
 
-Writing: flat and sparse extents fully. Stream-optimized (compressed) extents accept any
-write, but every write of a grain appends a new compressed copy (an older copy is left
-behind as unreferenced space, as qemu does for nothing: it refuses such rewrites); vdisk's
-own streamOptimized images keep their GTs and GD at the end of the file, rewritten at every
-``flush``. Crash order for new grains of a batch (``write_many``, what the cache uses):
+Writing: flat and sparse extents fully (a GD entry of 0 gets a new GT, and its redundant
+copy, at the end of the file). Stream-optimized (compressed) extents accept any write,
+not only qemu's whole-grain appends: a write to a grain appends a new compressed copy of
+the whole grain and repoints the GT; the old copy stays behind as unreferenced space
+(``compact`` does not reclaim it). vdisk's own streamOptimized images keep GTs and GD at
+the end of the file ("GD at end"), rewritten at every ``flush``; while such an image is
+being appended to it has no valid footer until ``flush``/``close`` (as VMware's stream
+writer), so a crash in between leaves it unreadable.
+
+Crash order for the new grains of a batch (``write_many``, what the cluster cache uses):
 grain data, a barrier, then the GT entries (and the redundant GT's), so a GT entry never
-names a grain a crash could lose; a single ``write`` skips the barrier (``flush`` makes
-everything durable). A stream-optimized image being appended to has no valid footer
-until ``flush``/``close`` writes GTs, GD and footer again (as VMware's stream writer). The first write of a session gives the
-disk a new CID, so children made on the old content notice (as VMware and qemu do).
+names a grain that a crash could lose. A lone ``write`` skips the barrier; ``flush`` makes
+everything durable. The first write of a session gives the disk a new CID, so children
+made on the old content notice (as VMware and qemu do).
 """
 
 from __future__ import annotations
