@@ -557,3 +557,21 @@ def test_crash_order_of_block_allocation():
             c = VhdDriver.open(MemoryStorage("crash.vhd", img), readonly=True, options={})
             for off, data in writes:
                 assert c.read(off, 4096) in (bytes(4096), data), f"op {n} {policy} at {off}"
+
+
+def test_check_footer_copy(tmp_path):
+    img, good = _dynamic(tmp_path)
+    bad = bytearray(good)
+    bad[70] ^= 0xFF  # the copy at 0 damaged; the footer at the end is fine
+    _put(img, bytes(bad))
+    with vdisk.open(img, readonly=True) as d:
+        assert d.read(0, 4096) == pattern(0, 4096)
+        assert d.check().exit_code == 2
+    d = VhdDriver.open(FileStorage(img, readonly=False), readonly=False, options={})
+    try:
+        assert d.check(repair=True).repaired
+    finally:
+        d.close()
+    assert _read(img) == good
+    with vdisk.open(img, readonly=True) as d:
+        assert d.check().exit_code == 0

@@ -258,6 +258,7 @@ class VhdDriver(Driver):
         self.readonly = readonly
         self.tables: LRU[tuple[str, int], Any] = LRU(TABLE_CACHE_BYTES, weigh=_weigh)
         self.footer_from_copy = False
+        self.footer_repaired = False
 
     # -- discovery ---------------------------------------------------------------------
 
@@ -398,6 +399,7 @@ class VhdDriver(Driver):
         if self.footer_from_copy and not self.readonly:
             st.pwrite(self.footer_pos, f.raw)
             st.sync()
+            self.footer_repaired = True
 
     def _parent_path(self, raw: bytes, pname: bytes, where: str) -> str:
         """The parent's name from the locators (relative first, then absolute, then the
@@ -721,10 +723,25 @@ class VhdDriver(Driver):
         return {"tables": self.tables.stats()}
 
     def check(self, *, repair: bool = False) -> CheckReport:
-        """Every BAT entry inside the file, past the metadata, no two blocks overlapping."""
+        """Every BAT entry inside the file, past the metadata, no two blocks overlapping;
+        the footer copy at offset 0 equal to the footer (``repair`` rewrites the copy; a
+        damaged footer is rewritten from the copy by any writable open)."""
         report = CheckReport()
         if self.type == TYPE_FIXED:
             return report
+        where = self.storage.path
+        if self.footer_from_copy:
+            if self.footer_repaired:
+                report.repaired.append(f"{where}: damaged footer rewritten from the copy at 0")
+            else:
+                report.corruptions.append(f"{where}: the footer at the end is damaged")
+        elif self.storage.pread(0, FOOTER_SIZE) != self.footer.raw:
+            if repair and not self.readonly:
+                self.storage.pwrite(0, self.footer.raw)
+                self.storage.sync()
+                report.repaired.append(f"{where}: footer copy at offset 0 rewritten")
+            else:
+                report.corruptions.append(f"{where}: the footer copy at offset 0 differs")
         used: list[tuple[int, int]] = []
         for b in range(self.entries):
             try:
@@ -738,9 +755,7 @@ class VhdDriver(Driver):
         span = self.bitmap_size + self.block_size
         for (a, ba), (c, bc) in itertools.pairwise(used):
             if a + span > c:
-                report.corruptions.append(
-                    f"{self.storage.path}: blocks {ba} and {bc} overlap at offset {c}"
-                )
+                report.corruptions.append(f"{where}: blocks {ba} and {bc} overlap at offset {c}")
         report.info["allocated-blocks"] = len(used)
         return report
 
