@@ -35,6 +35,7 @@ import pyfuse3
 import trio
 
 from vdisk.api import Disk
+from vdisk.cache.cluster import READAHEAD_MAX
 from vdisk.errors import VdiskError
 from vdisk.formats.base import Kind
 from vdisk.fuse.partitions import Partition
@@ -76,19 +77,30 @@ class Handle:
     data: bytes | None = None  # the stats file's content, frozen at open
 
 
-def _cached(disk: Any, offset: int, length: int, write: bool) -> bool:
-    """Whether the disk's cluster cache can serve this request without going below.
+def _inline(disk: Any, offset: int, length: int, write: bool) -> bool:
+    """Whether a request is cheap enough to run in the event loop: small, or served from
+    the cluster cache; and, for a write, neither evicting (eviction writes back) nor
+    falling due for the periodic commit (which would write back and sync).
 
-    Reads vdisk.api.Disk's cache state directly (there is no public probe for it); any
-    other Disk-like object counts as uncached."""
+    Reads vdisk.api.Disk's cache and commit state directly: there is no public probe."""
     cache = getattr(disk, "_cache", None)
+    if write:
+        interval = getattr(disk, "commit_interval", None)
+        last = getattr(disk, "_last_commit", None)
+        if interval is not None and last is not None and time.monotonic() - last >= interval:
+            return False
+        if cache is None or cache.used + length > cache.capacity:
+            return False
     entries = getattr(cache, "entries", None)
     cs = getattr(cache, "cs", 0)
-    if entries is None or cs <= 0 or length <= 0:
+    if entries is None or cs <= 0:
+        return length <= INLINE_MAX
+    if all(i in entries for i in range(offset // cs, (offset + length - 1) // cs + 1)):
+        return True
+    # a miss loads clusters (plus read-ahead) and may evict dirty ones, which writes back
+    if cache.dirty and cache.used + length + READAHEAD_MAX > cache.capacity:
         return False
-    if write and cache.used + length > cache.capacity:
-        return False  # the write would evict, and eviction writes back
-    return all(i in entries for i in range(offset // cs, (offset + length - 1) // cs + 1))
+    return length <= INLINE_MAX
 
 
 class DiskFS(pyfuse3.Operations):
@@ -175,7 +187,7 @@ class DiskFS(pyfuse3.Operations):
         """Run a disk call inline when it is cheap and the disk is free, else in a thread;
         turn every error into FUSEError."""
         try:
-            if length <= INLINE_MAX or _cached(disk, offset, length, write):
+            if _inline(disk, offset, length, write):
                 lock = getattr(disk, "_lock", None)
                 if lock is None:
                     return fn(*args)

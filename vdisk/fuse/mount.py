@@ -313,7 +313,7 @@ async def _commit_loop(fs: DiskFS) -> None:
     interval = getattr(fs.disk, "commit_interval", None) or 5.0
     try:
         while True:
-            await trio.sleep(max(0.25, interval / 2))
+            await trio.sleep(max(0.2, interval / 5))
             try:
                 await trio.to_thread.run_sync(_commit_and_publish, fs, limiter=fs.limiter)
             except VdiskError as e:
