@@ -244,8 +244,7 @@ class _Connection:
         r = self.reader
         flags = P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES
         await self.send(P.HANDSHAKE.pack(P.NBDMAGIC, P.IHAVEOPT, flags))
-        self.current = "the handshake"
-        (cflags,) = P.CLIENT_FLAGS.unpack(await r.read(4))
+        (cflags,) = P.CLIENT_FLAGS.unpack(await r.read(4))  # a port probe just leaves here
         if cflags & ~P.KNOWN_CLIENT_FLAGS:
             raise P.ProtocolError(f"unknown client flags {cflags:#x}")
         no_zeroes = bool(cflags & P.FLAG_C_NO_ZEROES)
