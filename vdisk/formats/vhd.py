@@ -149,6 +149,24 @@ def _chs_size(size: int) -> tuple[int, tuple[int, int, int]]:
 class _Footer:
     """The hard disk footer, as parsed fields plus the raw bytes it came from."""
 
+    cookie: bytes
+    features: int
+    version: int
+    data_offset: int
+    timestamp: int
+    creator: bytes
+    creator_version: int
+    creator_os: int
+    orig_size: int
+    current_size: int
+    cyls: int
+    heads: int
+    spt: int
+    type: int
+    checksum: int
+    uuid: bytes
+    saved_state: int
+
     def __init__(self, raw: bytes) -> None:
         f = FOOTER.unpack_from(raw)
         (
@@ -460,7 +478,7 @@ class VhdDriver(Driver):
 
     def _bat(self, b: int) -> int:
         page = b // BAT_PAGE
-        t = self.tables.get(("bat", page))
+        t: list[int] | None = self.tables.get(("bat", page))
         if t is None:
             n = min(BAT_PAGE, self.max_entries - page * BAT_PAGE)
             raw = self.storage.pread_exact(
@@ -662,13 +680,14 @@ class VhdDriver(Driver):
         raw[FOOTER_CSUM_AT : FOOTER_CSUM_AT + 4] = struct.pack(">I", checksum(raw, FOOTER_CSUM_AT))
         footer = bytes(raw)
         steps = [
-            lambda: st.pwrite(self.footer.data_offset, hdr),
-            lambda: (st.pwrite(self.footer_pos, footer), st.pwrite(0, footer)),
+            [(self.footer.data_offset, hdr)],
+            [(self.footer_pos, footer), (0, footer)],
         ]
         if ref is None:  # become dynamic first: stale parent fields are then ignored
             steps.reverse()
         for step in steps:
-            step()
+            for at, blob in step:
+                st.pwrite(at, blob)
             st.sync()
         self.footer = _Footer(footer)
         self.type = self.footer.type

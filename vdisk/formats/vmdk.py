@@ -164,7 +164,7 @@ SUBFORMATS = (
 )
 
 
-def _le_u32(data: bytes) -> array:
+def _le_u32(data: bytes) -> array[int]:
     """Little-endian uint32 table as an array (byte-swapped on a big-endian host)."""
     a = array("I", data)
     if sys.byteorder != "little":
@@ -172,7 +172,7 @@ def _le_u32(data: bytes) -> array:
     return a
 
 
-def _u32_bytes(a: array) -> bytes:
+def _u32_bytes(a: array[int]) -> bytes:
     if sys.byteorder != "little":
         a = array("I", a)
         a.byteswap()
@@ -502,13 +502,13 @@ class _Sparse:
         hh = self.footer or h
         n = _gd_entries(hh)
         self.gd = _le_u32(storage.pread_exact(hh.gd * SECTOR, n * 4, "grain directory"))
-        self.rgd: array | None = None
+        self.rgd: array[int] | None = None
         if not self.gd_at_end and hh.flags & FLAG_REDUNDANT_GT and hh.rgd:
             self.rgd = _le_u32(
                 storage.pread_exact(hh.rgd * SECTOR, n * 4, "redundant grain directory")
             )
         self.eof = _align(self.file_size)
-        self.dirty_gts: dict[int, array] = {}  # GD-at-end mode: GTs not yet written out
+        self.dirty_gts: dict[int, array[int]] = {}  # GD-at-end mode: GTs not yet written out
         self.tail_open = False  # GD-at-end mode: the trailer was cut off for appending
         self._last: tuple[int, bytes] | None = None  # last decompressed grain
         #: while write_many runs: GT entries of new grains, written after a barrier
@@ -540,7 +540,7 @@ class _Sparse:
 
     # -- mapping ---------------------------------------------------------------------
 
-    def _gt(self, gi: int) -> array | None:
+    def _gt(self, gi: int) -> array[int] | None:
         t = self.dirty_gts.get(gi)
         if t is not None:
             return t
@@ -689,7 +689,7 @@ class _Sparse:
         if self.rgd is not None and self.rgd[gi]:
             self.storage.pwrite(self.rgd[gi] * SECTOR + idx * 4, raw)
 
-    def _new_gt(self, gi: int) -> array:
+    def _new_gt(self, gi: int) -> array[int]:
         """A GD entry of 0: give it a zeroed GT (and a redundant one) at the end of file."""
         t = array("I", bytes(self.gt_bytes))
         if self.gd_at_end:
@@ -727,7 +727,7 @@ class _Sparse:
             self.file_size = self.eof
         self.tail_open = True
 
-    def _append_gt(self, gi: int, t: array) -> None:
+    def _append_gt(self, gi: int, t: array[int]) -> None:
         at = self._alloc(SECTOR + _align(self.gt_bytes))
         body = _u32_bytes(t).ljust(_align(self.gt_bytes), b"\0")
         marker = MARKER.pack(len(body) // SECTOR, 0, MARKER_GT).ljust(SECTOR, b"\0")
@@ -829,8 +829,8 @@ class _Sparse:
         for gi in range(len(self.gd)):
             try:
                 t = self._gt(gi)
-            except CorruptImage as e:
-                report.corruptions.append(str(e))
+            except CorruptImage as ex:
+                report.corruptions.append(str(ex))
                 continue
             if t is None:
                 continue
@@ -850,8 +850,8 @@ class _Sparse:
                             self.rgd[gi] * SECTOR, self.gt_bytes, f"redundant grain table {gi}"
                         )
                     )
-                except CorruptImage as e:
-                    report.corruptions.append(str(e))
+                except CorruptImage as ex:
+                    report.corruptions.append(str(ex))
                     continue
                 if red != t:
                     report.corruptions.append(
@@ -884,7 +884,9 @@ class VmdkDriver(Driver):
     def __init__(self, storage: Storage, readonly: bool) -> None:
         self.storage = storage
         self.readonly = readonly
-        self.gt_cache: LRU[tuple[int, int], array] = LRU(GT_CACHE_BYTES, weigh=lambda a: len(a) * 4)
+        self.gt_cache: LRU[tuple[int, int], array[int]] = LRU(
+            GT_CACHE_BYTES, weigh=lambda a: len(a) * 4
+        )
         self.extents: list[_Flat | _Zero | _Sparse] = []
         self.starts: list[int] = []
         self.others: list[Storage] = []  # sibling files we opened (closed with us)
@@ -977,8 +979,8 @@ class VmdkDriver(Driver):
             raise CorruptImage(f"{where}: disk size {self.size} is outside 1..{MAX_CAPACITY}")
         grains = [e.grain for e in self.extents if isinstance(e, _Sparse)]
         self.cluster_size = max(grains) if grains else DEFAULT_GRAIN
-        for start, e in zip(self.starts, self.extents):
-            if isinstance(e, _Sparse) and start % self.cluster_size:
+        for start, x in zip(self.starts, self.extents):
+            if isinstance(x, _Sparse) and start % self.cluster_size:
                 raise UnsupportedFeature(
                     f"{where}: sparse extent at guest offset {start} is not aligned to "
                     f"{self.cluster_size}-byte grains"
