@@ -715,3 +715,25 @@ def test_allocation_never_overwrites_metadata_of_a_corrupt_image(tmp_path):
         d.write(512 * KiB, b"\x02" * 4096)
     d.storage.close()
     assert Path(path).read_bytes()[: len(before)] == before
+
+
+def test_check_reports_and_repairs_a_lost_refcount_block(tmp_path):
+    path = str(tmp_path / "rb.qcow2")
+    qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", path, "2M")
+    qio(path, "write -P 4 0 200k")
+    rt = struct.unpack(">Q", Path(path).read_bytes()[48:56])[0]
+    with open(path, "r+b") as f:
+        f.seek(rt)
+        f.write(struct.pack(">Q", 1 << 40))  # the first refcount block is now past EOF
+    with closing(opened(path)) as d:
+        rep = d.check()
+        assert rep.exit_code == 2 and "refcount block 0" in rep.corruptions[0]
+    d = opened(path, readonly=False)
+    with pytest.raises(CorruptImage, match="past the end"):
+        d.write(MiB, b"x" * 4096)
+    d.storage.close()
+    with closing(opened(path, readonly=False)) as d:
+        rep = d.check(repair=True)
+        assert rep.exit_code == 0 and rep.repaired[0] == "rebuilt the refcount structures"
+    qimg("check", path)
+    qio(path, "read -P 4 0 200k")

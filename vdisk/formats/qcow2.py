@@ -354,6 +354,7 @@ class Qcow2Driver(Driver):
         self.snapshots = parse_table(storage, snap_off, nb_snap, cs)
         self._snap_table_len = len(table_bytes(self.snapshots))
         self.refs.guard = self._guard
+        self._bad_blocks: set[int] = set()  # refcount blocks check found invalid
 
         self.l2_cache: LRU[int, L2Table] = LRU(
             int(options.get("l2_cache_size", DEFAULT_L2_CACHE)),
@@ -380,6 +381,28 @@ class Qcow2Driver(Driver):
     def _guard(self, c: int) -> None:
         """Refuse to allocate a cluster that holds metadata (its refcount must be wrong):
         writing there would destroy the image, as qemu's overlap checks guard against."""
+        what = self._metadata_at(c)
+        if what is not None:
+            raise CorruptImage(
+                f"{self.path}: cluster {c} (offset {c * self.cluster_size:#x}) holds {what} but "
+                "its refcount is 0: the refcounts are corrupt (run check with repair)"
+            )
+
+    def _check_target(self, off: int, what: str) -> None:
+        """Before writing in place at ``off`` (a cluster an entry of ours points at): it must
+        lie in the file (or have been allocated by us) and must not hold other metadata."""
+        c = off >> self.cluster_bits
+        limit = max(self.refs.alloc_end, -(-self.storage.size() // self.cluster_size))
+        if c >= limit:
+            raise CorruptImage(
+                f"{self.path}: {what} at {off:#x} lies past the end of the file "
+                f"({self.storage.size()} bytes)"
+            )
+        meta = self._metadata_at(c)
+        if meta is not None:
+            raise CorruptImage(f"{self.path}: {what} at {off:#x} overlaps {meta}")
+
+    def _metadata_at(self, c: int) -> str | None:
         cs = self.cluster_size
         off = c * cs
         spans = [
@@ -392,11 +415,7 @@ class Qcow2Driver(Driver):
         what = next((w for s, n, w in spans if s <= off < s + n), None)
         if what is None and off in self.refs.blocks:
             what = "a refcount block"
-        if what is not None:
-            raise CorruptImage(
-                f"{self.path}: cluster {c} (offset {off:#x}) holds {what} but its refcount is "
-                "0: the refcounts are corrupt (run check with repair)"
-            )
+        return what
 
     # -- mapping -----------------------------------------------------------------------
 
@@ -589,7 +608,10 @@ class Qcow2Driver(Driver):
         l1e = self.l1[l1i]
         off = l1e & L1E_OFFSET_MASK
         if off and l1e & OFLAG_COPIED:
-            return self._l2(off, l1i), l2i
+            t = self._l2(off, l1i)
+            if not t.dirty:
+                self._check_target(off, f"the L2 table of L1 entry {l1i}")
+            return t, l2i
         data = array("Q", self._l2(off, l1i).data) if off else zero_array(self.cluster_size // 8)
         new = self.refs.alloc()
         if off:
@@ -650,6 +672,7 @@ class Qcow2Driver(Driver):
             and not (not self.extl2 and entry & OFLAG_ZERO)
             and (not self.extl2 or bm & ALL_ALLOC == ALL_ALLOC)
         ):
+            self._check_target(host, f"the data cluster of guest cluster {gidx}")
             self.io.write(host + within, data)  # plain overwrite in place
             return
         if self._whole(gidx, within, n):
@@ -668,6 +691,7 @@ class Qcow2Driver(Driver):
             buf = bytes(old)
         if mine:
             target = host  # our own zero-preallocated or partly allocated cluster
+            self._check_target(host, f"the data cluster of guest cluster {gidx}")
         else:
             target = self.refs.alloc()
             self._drop(entry)
@@ -1268,7 +1292,7 @@ class Qcow2Driver(Driver):
             if etype == EXT_BITMAPS and len(data) >= 24:
                 self._bitmap_references(data, add)
         if with_refcounts:
-            for c in self.refs.metadata_clusters():
+            for c in self.refs.metadata_clusters(skip=self._bad_blocks):
                 add(c * cs, cs, "refcount structure")
         return counts, nclusters
 
@@ -1299,13 +1323,19 @@ class Qcow2Driver(Driver):
         if not self.readonly:
             self.flush()
         report = CheckReport()
+        invalid = self.refs.invalid_blocks()
+        for ti, off in invalid.items():
+            report.corruptions.append(
+                f"ERROR refcount block {ti} at {off:#x} is unaligned or past the end of the file"
+            )
+        self._bad_blocks = set(invalid)
         counts, n = self._references(report, with_refcounts=True)
         cs = self.cluster_size
         end = max(n, min(self.refs.covered_clusters(), n + (1 << 20)))
         leaks: list[tuple[int, int]] = []
-        bad = 0
+        bad = len(invalid)
         for c in range(end):
-            stored = self.refs.get(c)
+            stored = self._stored(c)
             want = counts[c] if c < n else 0
             if stored == want:
                 continue
@@ -1325,19 +1355,26 @@ class Qcow2Driver(Driver):
         if repair and (leaks or report.corruptions):
             if bad:
                 self._rebuild_refcounts()
-                report.repaired.append("rebuilt the refcount structures")
-                report.repaired.extend(report.corruptions)
-                report.corruptions = []
+                repaired = ["rebuilt the refcount structures", *report.corruptions, *report.leaks]
             else:
                 for c, want in leaks:
                     self.refs.set(c, want)
                 self.refs.write_dirty()
                 self.io.barrier()
-                report.repaired.extend(report.leaks)
-            report.leaks = []
-            self._update_snapshot_refcounts(self.l1, 0, active=True)
+                repaired = [*report.leaks, *report.corruptions]
+            self._bad_blocks = set()
+            self._update_snapshot_refcounts(self.l1, 0, active=True)  # COPIED flags
             self.flush()
+            after = self.check()  # what is still wrong (not fixable by refcounts) stays
+            after.repaired = repaired
+            return after
         return report
+
+    def _stored(self, c: int) -> int:
+        """The stored refcount, 0 where check found the block covering it invalid."""
+        if c // self.refs.entries_per_block in self._bad_blocks:
+            return 0
+        return self.refs.get(c)
 
     def _check_copied(self, report: CheckReport) -> None:
         """COPIED flags of the active tables must say whether the refcount is exactly 1."""
@@ -1347,7 +1384,7 @@ class Qcow2Driver(Driver):
             off = e & L1E_OFFSET_MASK
             if not off or off % cs:
                 continue
-            if bool(e & OFLAG_COPIED) != (self.refs.get(off // cs) == 1):
+            if bool(e & OFLAG_COPIED) != (self._stored(off // cs) == 1):
                 report.corruptions.append(f"ERROR OFLAG_COPIED L2 table of L1 entry {l1i}")
             raw = self.storage.pread(off, cs)
             if len(raw) != cs:
@@ -1358,7 +1395,7 @@ class Qcow2Driver(Driver):
                 host = entry & L2E_OFFSET_MASK
                 if entry & OFLAG_COMPRESSED or not host or host % cs:
                     continue
-                if bool(entry & OFLAG_COPIED) != (self.refs.get(host // cs) == 1):
+                if bool(entry & OFLAG_COPIED) != (self._stored(host // cs) == 1):
                     report.corruptions.append(
                         f"ERROR OFLAG_COPIED data cluster: L1 {l1i} L2 entry {j // step}"
                     )

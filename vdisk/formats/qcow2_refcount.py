@@ -419,11 +419,25 @@ class Refcounts:
             wrote = True
         return wrote
 
-    def metadata_clusters(self) -> list[int]:
-        """Clusters holding the refcount table and blocks."""
+    def metadata_clusters(self, skip: set[int] | frozenset[int] = frozenset()) -> list[int]:
+        """Clusters holding the refcount table and blocks (but not blocks in ``skip``)."""
         cs = self.cs
         out = list(range(self.table_offset // cs, self.table_offset // cs + self.table_clusters))
-        out.extend((e & RT_OFFSET_MASK) // cs for e in self.table if e & RT_OFFSET_MASK)
+        out.extend(
+            (e & RT_OFFSET_MASK) // cs
+            for ti, e in enumerate(self.table)
+            if e & RT_OFFSET_MASK and ti not in skip
+        )
+        return out
+
+    def invalid_blocks(self) -> dict[int, int]:
+        """Table index -> offset of each block that is unaligned or lies past the file end."""
+        fsize = self.storage.size()
+        out = {}
+        for ti, e in enumerate(self.table):
+            off = e & RT_OFFSET_MASK
+            if off and (off % self.cs or off + self.cs > fsize):
+                out[ti] = off
         return out
 
     def covered_clusters(self) -> int:
