@@ -617,3 +617,63 @@ def test_a_mount_that_cannot_proceed_fails_with_one_line(tmp_path: Path, mounts:
     mounts.umount(tmp_path / "m1")
     p = run([*VDISK, "umount", str(tmp_path / "m2")], check=False)
     assert p.returncode != 0 and "not mounted" in p.stderr
+
+
+@pytestmark_root
+def test_concurrent_readers_and_writers_and_what_the_kernel_passes(
+    tmp_path: Path, mounts: Mounts
+) -> None:
+    import threading
+
+    img = _image(tmp_path, "vdisk", 32 * MiB)
+    mnt = tmp_path / "mnt"
+    mounts.mount(img, mnt, "--cache-mb", "8")  # small cache: evictions while writing
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            fd = os.open(mnt / "disk", os.O_RDWR)
+            try:
+                base = k * 8 * MiB
+                for i in range(24):  # odd sizes, crossing clusters, 8 MiB apart per worker
+                    off, n = base + i * 300_001, 100_000 + 37 * i
+                    os.pwrite(fd, pattern(off, n, k + 10), off)
+                    assert os.pread(fd, n, off) == pattern(off, n, k + 10)
+            finally:
+                os.close(fd)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    fd = os.open(mnt / "disk", os.O_RDWR)
+    try:
+        # pyfuse3 3.5 has no lseek or fallocate handler: the kernel treats the whole file
+        # as data and refuses fallocate. If this starts failing, pyfuse3 passes them now
+        # and DiskFS.lseek / DiskFS.fallocate are live.
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == 32 * MiB
+        with pytest.raises(OSError) as e:
+            fcntl_fallocate(fd, 0x01 | 0x02, 0, MiB)
+        assert e.value.errno == errno.EOPNOTSUPP
+    finally:
+        os.close(fd)
+    mounts.umount(mnt)
+    with api.open(str(img), readonly=True) as d:
+        for k in range(4):
+            off = k * 8 * MiB + 23 * 300_001
+            assert d.read(off, 100_000 + 37 * 23) == pattern(off, 100_000 + 37 * 23, k + 10)
+
+
+def fcntl_fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

@@ -122,9 +122,9 @@ def _daemonize(opts: object, logfile: str | None, debug: bool) -> None:
         if msg.startswith("OK"):
             return
         if msg.startswith("ERR "):
-            code, _, text = msg[4:].partition(" ")
+            status, _, text = msg[4:].partition(" ")
             click.echo(f"vdisk: {text}", err=True)
-            sys.exit(int(code) if code.isdigit() else 1)
+            sys.exit(int(status) if status.isdigit() else 1)
         click.echo("vdisk: the mount process exited before the mount was ready", err=True)
         sys.exit(1)
     # the child: a new session, no terminal, stdio to /dev/null (or the log file)

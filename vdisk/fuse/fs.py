@@ -76,6 +76,12 @@ class Handle:
     node: Node
     data: bytes | None = None  # the stats file's content, frozen at open
 
+    @property
+    def disk(self) -> Disk:
+        if self.node.disk is None:  # only a stats handle has none, and it has data
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return self.node.disk
+
 
 def _inline(disk: Any, offset: int, length: int, write: bool) -> bool:
     """Whether a request is cheap enough to run in the event loop: small, or served from
@@ -98,7 +104,7 @@ def _inline(disk: Any, offset: int, length: int, write: bool) -> bool:
     if all(i in entries for i in range(offset // cs, (offset + length - 1) // cs + 1)):
         return True
     # a miss loads clusters (plus read-ahead) and may evict dirty ones, which writes back
-    if cache.dirty and cache.used + length + READAHEAD_MAX > cache.capacity:
+    if cache is not None and cache.dirty and cache.used + length + READAHEAD_MAX > cache.capacity:
         return False
     return length <= INLINE_MAX
 
@@ -337,10 +343,12 @@ class DiskFS(pyfuse3.Operations):
             return b""
         n = min(size, node.length - off)
         pos = node.base + off
-        return await self._call(node.disk, pos, n, False, node.disk.read, pos, n)
+        disk = handle.disk
+        return await self._call(disk, pos, n, False, disk.read, pos, n)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        node = self.handles[fh].node
+        handle = self.handles[fh]
+        node = handle.node
         if not node.writable:
             raise pyfuse3.FUSEError(errno.EROFS)
         if off >= node.length:
@@ -348,13 +356,14 @@ class DiskFS(pyfuse3.Operations):
         n = min(len(buf), node.length - off)
         pos = node.base + off
         data = buf if n == len(buf) else memoryview(buf)[:n]
-        await self._call(node.disk, pos, n, True, node.disk.write, pos, data)
+        disk = handle.disk
+        await self._call(disk, pos, n, True, disk.write, pos, data)
         return n
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        node = self.handles[fh].node
-        if node.writable:
-            await self._call(node.disk, 0, 1 << 30, False, node.disk.flush)
+        handle = self.handles[fh]
+        if handle.node.writable:
+            await self._call(handle.disk, 0, 1 << 30, False, handle.disk.flush)
 
     async def flush(self, fh: int) -> None:
         """close(2) is not a commit point (fsync is; the periodic commit bounds the rest)."""
@@ -370,7 +379,8 @@ class DiskFS(pyfuse3.Operations):
     # would call; tests call them directly.
 
     async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
-        node = self.handles[fh].node
+        handle = self.handles[fh]
+        node = handle.node
         punch, zero, keep = 0x02, 0x10, 0x01  # FALLOC_FL_PUNCH_HOLE, _ZERO_RANGE, _KEEP_SIZE
         if not node.writable:
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -381,9 +391,9 @@ class DiskFS(pyfuse3.Operations):
             return
         pos, n = node.base + off, end - off
         if mode & punch and mode & keep:
-            await self._call(node.disk, pos, n, True, node.disk.discard, pos, n)
+            await self._call(handle.disk, pos, n, True, handle.disk.discard, pos, n)
         elif mode & zero:
-            await self._call(node.disk, pos, n, True, node.disk.write_zeroes, pos, n)
+            await self._call(handle.disk, pos, n, True, handle.disk.write_zeroes, pos, n)
         elif mode & ~keep == 0:
             return  # preallocation of a fixed-size disk: nothing to do
         else:
@@ -391,14 +401,16 @@ class DiskFS(pyfuse3.Operations):
 
     async def lseek(self, fh: int, off: int, whence: int) -> int:
         """SEEK_DATA / SEEK_HOLE from the disk's block status (HOLE and ZERO are holes)."""
-        node = self.handles[fh].node
+        handle = self.handles[fh]
+        node = handle.node
         if off < 0 or off >= node.length:
             raise pyfuse3.FUSEError(errno.ENXIO)
         if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
             raise pyfuse3.FUSEError(errno.EINVAL)
         pos = node.base + off
         n = node.length - off
-        extents = await self._call(node.disk, pos, n, False, node.disk.block_status, pos, n)
+        disk = handle.disk
+        extents = await self._call(disk, pos, n, False, disk.block_status, pos, n)
         want_data = whence == os.SEEK_DATA
         for e in extents:
             if (e.kind == Kind.DATA) == want_data:
