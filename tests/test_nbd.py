@@ -509,6 +509,30 @@ def test_options_errors_and_block_status(serve, tmp_path: Path) -> None:
         assert struct.unpack(">II", payload[4:12]) == (MiB // 2, 3) and len(payload) == 12
 
 
+def test_hostile_sizes(serve, tmp_path: Path) -> None:
+    img = make_raw(tmp_path / "h.raw", SIZE)
+    s = serve(img)
+    with RawClient(s.port) as c:  # an option longer than any real one: hard disconnect
+        c.sock.sendall(struct.pack(">QII", IHAVEOPT, OPT_GO, 1 << 30))
+        with pytest.raises((EOFError, ConnectionError)):
+            c.recv(1)
+    # endless options: hard disconnect, bounded work
+    with RawClient(s.port) as c, pytest.raises((EOFError, ConnectionError)):
+        for _ in range(1000):
+            c.option(99)
+    with RawClient(s.port) as c:  # a WRITE over the 32 MiB maximum: skipped, EINVAL
+        c.go("", structured=False)
+        n = 33 * MiB
+        c.send_request(WRITE, 3, 0, n)
+        c.sock.sendall(bytes(n))
+        c.send_request(READ, 4, 0, 8)
+        assert c.simple_reply() == (EINVAL, 3)
+        assert c.simple_reply() == (0, 4)
+        assert c.recv(8) == bytes(8)
+    log = s.log()
+    assert "carries 1073741824 bytes" in log and "options without choosing" in log
+
+
 def test_client_vanishing_mid_request(serve, tmp_path: Path) -> None:
     img = make_raw(tmp_path / "v.raw", SIZE)
     s = serve(img)

@@ -155,9 +155,10 @@ async def _main(server: Any, bind: str, port: int, pid_file: str | None) -> None
             addrs = await nursery.start(server.serve, listeners)
             host, real_port = addrs[0]
             for e in server.exports.values():
-                click.echo(f"serving {e.image} as {_url(host, real_port, e.name)}")
-            if server.default is not None:
-                click.echo(f"default export: {_url(host, real_port, '')}")
+                also = ""
+                if server.default == e.name:
+                    also = f" (and as the default export {_url(host, real_port, '')})"
+                click.echo(f"serving {e.image} as {_url(host, real_port, e.name)}{also}")
             sys.stdout.flush()
             if pid_file:
                 tmp = f"{pid_file}.tmp"
