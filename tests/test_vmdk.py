@@ -644,3 +644,25 @@ def test_read_coalesces_only_true_runs(tmp_path):
         assert d.read(60 * K, 72 * K) == b"A" * 4 * K + bytes(64 * K) + b"C" * 4 * K
     finally:
         d.close()
+
+
+def test_zeroed_grains(tmp_path, qemu_img, qemu_io):
+    """GT entry 1 (zeroed grain, version 2 with the zeroed-grain flag): qemu writes it for
+    write -z; vdisk reads ZERO there, and writes it itself where a parent must be hidden."""
+    img = str(tmp_path / "z.vmdk")
+    qemu_img("create", "-q", "-f", "vmdk", "-o", "zeroed_grain=on", img, "4M")
+    qemu_io("-f", "vmdk", "-c", "write -P 0x11 0 1M", "-c", "write -z 128k 256k", img)
+    with vdisk.open(img, readonly=True) as d:
+        assert d.read(0, M) == b"\x11" * 128 * K + bytes(256 * K) + b"\x11" * 640 * K
+        kinds = [(e.kind, e.offset, e.length) for e in d.driver.block_status(0, M)]
+        assert (Kind.ZERO, 128 * K, 256 * K) in kinds
+    child = str(tmp_path / "c.vmdk")
+    vdisk.create(child, None, format="vmdk", backing="z.vmdk", options={"zeroed_grain": "on"})
+    with vdisk.open(child) as d:
+        d.write_zeroes(512 * K, 128 * K)  # must hide the parent's 0x11 there
+    with vdisk.open(child, readonly=True) as d:
+        assert d.read(448 * K, 256 * K) == b"\x11" * 64 * K + bytes(128 * K) + b"\x11" * 64 * K
+        kinds = {e.kind for e in d.driver.block_status(512 * K, 128 * K)}
+        assert kinds == {Kind.ZERO}
+    assert qemu_img("check", child, check=False).returncode == 0
+    qemu_io("-f", "vmdk", "-c", f"read -P 0 {512 * K} {128 * K}", child)
