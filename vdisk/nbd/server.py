@@ -38,8 +38,9 @@ log = logging.getLogger("vdisk.nbd")
 DEFAULT_THREADS = 4
 #: Requests of one connection in flight at once (the client's queue depth is bounded here).
 MAX_INFLIGHT = 64
-#: Of those, requests with a payload over 1 MiB (bounds memory: 8 x 32 MiB per connection).
-MAX_INFLIGHT_LARGE = 8
+#: Of those, requests with a payload over 1 MiB (bounds memory: 4 x 32 MiB per connection;
+#: per connection, so a client that stops reading its replies holds up only itself).
+MAX_INFLIGHT_LARGE = 4
 LARGE = 1 << 20
 #: Requests up to this size may run on the event loop when the disk is free and fast: a
 #: 1 MiB read from the page cache costs less than the thread hop and the GIL hand-over.
