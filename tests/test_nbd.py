@@ -509,6 +509,31 @@ def test_options_errors_and_block_status(serve, tmp_path: Path) -> None:
         assert struct.unpack(">II", payload[4:12]) == (MiB // 2, 3) and len(payload) == 12
 
 
+def test_export_name_info_and_abort(serve, tmp_path: Path) -> None:
+    img = make_raw(tmp_path / "e.raw", SIZE, ((0, MiB),))
+    s = serve(img)
+    with RawClient(s.port) as c:  # NBD_OPT_INFO, then NBD_OPT_ABORT
+        n = b"e.raw"
+        info = c.option(6, struct.pack(">I", len(n)) + n + struct.pack(">HH", 1, 3))
+        assert info[-1][0] == REP_ACK
+        types = {struct.unpack(">H", d[:2])[0]: d for rep, d in info if rep == REP_INFO}
+        assert struct.unpack(">Q", types[0][2:10])[0] == SIZE
+        assert struct.unpack(">III", types[3][2:]) == (1, 65536, 32 * MiB)
+        assert c.option(2)[-1][0] == REP_ACK
+        assert c.sock.recv(1) == b""
+    with RawClient(s.port) as c:  # the old way in: NBD_OPT_EXPORT_NAME of the default
+        c.sock.sendall(struct.pack(">QII", IHAVEOPT, 1, 0))
+        size, flags = struct.unpack(">QH", c.recv(10))  # no 124 zeroes: NO_ZEROES agreed
+        assert size == SIZE and flags & 1 and flags & (1 << 8)
+        c.send_request(READ, 1, 1000, 100)
+        assert c.simple_reply() == (0, 1)
+        assert c.recv(100) == pattern(1000, 100)
+    with RawClient(s.port) as c:  # EXPORT_NAME of an unknown export: hard disconnect
+        c.sock.sendall(struct.pack(">QII", IHAVEOPT, 1, 3) + b"zzz")
+        with pytest.raises((EOFError, ConnectionError)):
+            c.recv(1)
+
+
 def test_hostile_sizes(serve, tmp_path: Path) -> None:
     img = make_raw(tmp_path / "h.raw", SIZE)
     s = serve(img)
