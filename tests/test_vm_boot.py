@@ -21,7 +21,9 @@ from tests.conftest import need, run
 from tests.test_nbd import Served, _env
 
 ROOT = Path(__file__).resolve().parent.parent
-GUEST_DIR = os.environ.get("VDISK_GUEST_DIR", "/var/cache/vdisk-guest")
+GUEST_DIR = os.environ.get("VDISK_GUEST_DIR") or (
+    "/var/cache/vdisk-guest" if os.geteuid() == 0 else os.path.expanduser("~/.cache/vdisk-guest")
+)
 
 pytestmark = pytest.mark.slow
 
