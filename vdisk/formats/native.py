@@ -84,7 +84,7 @@ PARALLEL_MIN_CLUSTERS = 4
 PARALLEL_MIN_CLUSTER_SIZE = 16384
 
 OPEN_OPTIONS = ("metadata_cache_mb", "commit_interval", "workers", "compress")
-CREATE_OPTIONS = ("cluster_size", "backing", "backing_driver", "compress", "preallocation")
+CREATE_OPTIONS = ("cluster_size", "backing", "backing_driver", "preallocation")
 
 
 def _foreign_digest(storage: Storage) -> int:
@@ -177,9 +177,10 @@ class NativeDriver(Driver):
         try:
             self.cache_bytes = max(0, int(float(mb) * (1 << 20)))
             self.commit_interval = float(interval) if interval else 0.0
-            # Measured on the 2-core development machine (PERFORMANCE.md conditions, other
-            # jobs running): threads made encode ~10-40% and decode ~10-60% slower than one
-            # thread for 64 KiB clusters, so parallel codec work is opt-in (workers > 1).
+            # Measured on the 2-core development machine with other jobs running: 2 threads
+            # made encode 0.55-0.93x and decode 0.4-0.9x as fast as one for 64 KiB
+            # clusters (xxh3 alone: 0.90x at 64 KiB, 0.95x at 1 MiB; lz4 alone 0.95x), so
+            # parallel codec work is opt-in (workers > 1) where idle cores exist.
             self.workers = int(options.get("workers", 1))
         except (TypeError, ValueError):
             raise UsageError(f"{storage.path}: bad vdisk option value in {options!r}") from None
