@@ -14,6 +14,7 @@ the refcounts it depends on are durable. A crash therefore leaks clusters at wor
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import struct
@@ -794,6 +795,22 @@ class Qcow2Driver(Driver):
 
     # -- header rewrites -------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _dirty_section(self) -> Iterator[None]:
+        """Mark the image dirty (v3) while refcounts and COPIED flags are out of step.
+
+        A snapshot operation changes refcounts and the COPIED flags of many tables; no
+        order of writes keeps both consistent at every instant. The dirty bit tells any
+        reader-writer (qemu or vdisk) to rebuild refcounts before use after a crash."""
+        if self.version < 3 or self.incompat & INCOMPAT_DIRTY:
+            yield
+            return
+        self.flush()
+        self._set_incompat(self.incompat | INCOMPAT_DIRTY)
+        yield
+        self.flush()
+        self._set_incompat(self.incompat & ~INCOMPAT_DIRTY)
+
     def _set_incompat(self, value: int) -> None:
         self.io.write(OFF_INCOMPAT, U64.pack(value))
         self.io.barrier()
@@ -1138,83 +1155,86 @@ class Qcow2Driver(Driver):
                 f"{self.path}: snapshots need refcounts of at least 2 bits "
                 f"(image has {self.refs.bits})"
             )
-        self.flush()
-        cs = self.cluster_size
-        # 1. references of the new snapshot (leak-safe: counts go up before it exists)
-        self._update_snapshot_refcounts(self.l1, 1, active=True)
-        self.flush()
-        # 2. a copy of the active L1 table
-        clusters = max(1, -(-self.l1_size * 8 // cs))
-        l1_off = self.refs.alloc_contiguous(clusters)
-        self.refs.write_dirty()
-        self.io.write(l1_off, be64_bytes(self.l1) + bytes(clusters * cs - self.l1_size * 8))
-        # 3. the new table, then the header
-        ids = [int(s.id) for s in self.snapshots if s.id.isdigit()]
-        now = time.time()
-        snap = Snapshot(
-            l1_offset=l1_off,
-            l1_size=self.l1_size,
-            id=str(max(ids, default=0) + 1),
-            name=name,
-            date_sec=int(now),
-            date_nsec=int((now % 1) * 1e9),
-            vm_clock_nsec=0,
-            vm_state_size=0,
-            disk_size=self.size,
-            extra=b"",
-        )
-        self._write_snapshot_table([*self.snapshots, snap])
-        self.flush()
-        return self.list_snapshots()[-1]
+        with self._dirty_section():
+            self.flush()
+            cs = self.cluster_size
+            # 1. references of the new snapshot (leak-safe: counts go up before it exists)
+            self._update_snapshot_refcounts(self.l1, 1, active=True)
+            self.flush()
+            # 2. a copy of the active L1 table
+            clusters = max(1, -(-self.l1_size * 8 // cs))
+            l1_off = self.refs.alloc_contiguous(clusters)
+            self.refs.write_dirty()
+            self.io.write(l1_off, be64_bytes(self.l1) + bytes(clusters * cs - self.l1_size * 8))
+            # 3. the new table, then the header
+            ids = [int(s.id) for s in self.snapshots if s.id.isdigit()]
+            now = time.time()
+            snap = Snapshot(
+                l1_offset=l1_off,
+                l1_size=self.l1_size,
+                id=str(max(ids, default=0) + 1),
+                name=name,
+                date_sec=int(now),
+                date_nsec=int((now % 1) * 1e9),
+                vm_clock_nsec=0,
+                vm_state_size=0,
+                disk_size=self.size,
+                extra=b"",
+            )
+            self._write_snapshot_table([*self.snapshots, snap])
+            self.flush()
+            return self.list_snapshots()[-1]
 
     def delete_snapshot(self, name: str) -> None:
         self._check_writable()
         s = self._find_snapshot(name)
-        self.flush()
-        cs = self.cluster_size
-        self._write_snapshot_table([x for x in self.snapshots if x is not s])
-        snap_l1 = be64_array(self.storage.pread_exact(s.l1_offset, s.l1_size * 8, "L1"))
-        self._update_snapshot_refcounts(snap_l1, -1, active=False)
-        if s.l1_size:
-            self._pending_free.append((s.l1_offset, -(-s.l1_size * 8 // cs) * cs))
-        self.flush()
-        self._update_snapshot_refcounts(self.l1, 0, active=True)
-        self.flush()
+        with self._dirty_section():
+            self.flush()
+            cs = self.cluster_size
+            self._write_snapshot_table([x for x in self.snapshots if x is not s])
+            snap_l1 = be64_array(self.storage.pread_exact(s.l1_offset, s.l1_size * 8, "L1"))
+            self._update_snapshot_refcounts(snap_l1, -1, active=False)
+            if s.l1_size:
+                self._pending_free.append((s.l1_offset, -(-s.l1_size * 8 // cs) * cs))
+            self.flush()
+            self._update_snapshot_refcounts(self.l1, 0, active=True)
+            self.flush()
 
     def revert_snapshot(self, name: str) -> None:
         """Make the snapshot's L1 table the active one (the old state's references drop)."""
         self._check_writable()
         s = self._find_snapshot(name)
-        self.flush()
-        cs = self.cluster_size
-        snap_l1 = be64_array(self.storage.pread_exact(s.l1_offset, s.l1_size * 8, "L1"))
-        size = s.disk_size if s.disk_size is not None else self.size
-        needed = -(-size // (cs * self.l2_entries))
-        if s.l1_size < needed:
-            raise CorruptImage(f"{self.path}: snapshot {name!r} L1 table too small")
-        # references of the new active state first, then write it, then drop the old one
-        self._update_snapshot_refcounts(snap_l1, 1, active=False)
-        self.flush()
-        clusters = max(1, -(-s.l1_size * 8 // cs))
-        new_off = self.refs.alloc_contiguous(clusters)
-        self.refs.write_dirty()
-        self.io.write(new_off, be64_bytes(snap_l1) + bytes(clusters * cs - s.l1_size * 8))
-        self.io.barrier()
-        self.io.write(OFF_L1, L1_LOC.pack(s.l1_size, new_off))
-        self.io.write(OFF_SIZE, U64.pack(size))
-        self.io.barrier()
-        old_l1, old_off, old_size = self.l1, self.l1_offset, self.l1_size
-        self.l1, self.l1_offset, self.l1_size, self.size = snap_l1, new_off, s.l1_size, size
-        self.l1_dirty = set()
-        self.l2_cache.clear()
-        self._update_snapshot_refcounts(old_l1, -1, active=False)
-        if old_size:
-            self._pending_free.append((old_off, -(-old_size * 8 // cs) * cs))
-        self.flush()
-        self._update_snapshot_refcounts(self.l1, 0, active=True)
-        self.flush()
+        with self._dirty_section():
+            self.flush()
+            cs = self.cluster_size
+            snap_l1 = be64_array(self.storage.pread_exact(s.l1_offset, s.l1_size * 8, "L1"))
+            size = s.disk_size if s.disk_size is not None else self.size
+            needed = -(-size // (cs * self.l2_entries))
+            if s.l1_size < needed:
+                raise CorruptImage(f"{self.path}: snapshot {name!r} L1 table too small")
+            # references of the new active state first, then write it, then drop the old one
+            self._update_snapshot_refcounts(snap_l1, 1, active=False)
+            self.flush()
+            clusters = max(1, -(-s.l1_size * 8 // cs))
+            new_off = self.refs.alloc_contiguous(clusters)
+            self.refs.write_dirty()
+            self.io.write(new_off, be64_bytes(snap_l1) + bytes(clusters * cs - s.l1_size * 8))
+            self.io.barrier()
+            self.io.write(OFF_L1, L1_LOC.pack(s.l1_size, new_off))
+            self.io.write(OFF_SIZE, U64.pack(size))
+            self.io.barrier()
+            old_l1, old_off, old_size = self.l1, self.l1_offset, self.l1_size
+            self.l1, self.l1_offset, self.l1_size, self.size = snap_l1, new_off, s.l1_size, size
+            self.l1_dirty = set()
+            self.l2_cache.clear()
+            self._update_snapshot_refcounts(old_l1, -1, active=False)
+            if old_size:
+                self._pending_free.append((old_off, -(-old_size * 8 // cs) * cs))
+            self.flush()
+            self._update_snapshot_refcounts(self.l1, 0, active=True)
+            self.flush()
 
-    # -- consistency check ----------------------------------------------------------------------
+        # -- consistency check ----------------------------------------------------------------------
 
     def _references(self, report: CheckReport, *, with_refcounts: bool) -> tuple[array, int]:
         """Count the references to every host cluster, as qemu's check does: the header,
