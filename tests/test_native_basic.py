@@ -422,3 +422,36 @@ def test_open_and_close_without_writes_does_not_commit(tmp_path) -> None:
             assert d.driver.generation == gen
         with vdisk.open(p) as d:
             d.write(0, b"x")
+
+
+def test_check_finds_and_repairs_leaks() -> None:
+    st = MemoryStorage("leak.vdisk")
+    NativeDriver.create(st, 1 << 20, {"cluster_size": 4096})
+    d = NativeDriver.open(st, readonly=False, options={})
+    d.write(0, os.urandom(50000))
+    leaked = [d._alloc() for _ in range(3)]
+    d.txn_new.difference_update(leaked)  # as if a crashed writer had counted them
+    d.flush()
+    rep = d.check()
+    assert rep.exit_code == 3 and len(rep.leaks) == 3
+    assert all(f"slot {s} " in " ".join(rep.leaks) for s in leaked)
+    rep = d.check(repair=True)
+    assert len(rep.repaired) == 3 and rep.exit_code == 0
+    d.close()
+    d = NativeDriver.open(st, readonly=True, options={})
+    assert d.check().exit_code == 0
+
+
+def test_refcount_too_low_is_corruption() -> None:
+    st = MemoryStorage("low.vdisk")
+    NativeDriver.create(st, 1 << 20, {"cluster_size": 4096})
+    d = NativeDriver.open(st, readonly=False, options={})
+    d.write(0, os.urandom(8192))
+    d.flush()
+    e = d._entry(0)
+    assert e is not None
+    d._rc_set(e.host >> 12, 0)
+    d.changed = True
+    d.flush()
+    rep = d.check()
+    assert rep.exit_code == 2 and any("refcount 0 but 1 references" in c for c in rep.corruptions)
