@@ -413,8 +413,8 @@ def test_gc_keeps_fresh_packs_and_collects_old(s3env: str) -> None:
     # another host's writer has uploaded a pack but not committed yet
     w = api.open(f"{s3env}/gcimg", commit_interval=None, options={"pack_size": 65536})
     w.write(65536, pattern(65536, 2 * 65536, seed=3))
-    w.driver.write_many([])  # nothing; the cache above holds the writes
-    w._cache.write_back()  # the driver seals a pack once it holds pack_size bytes
+    w._cache.write_back()  # from the cluster cache down to the driver,
+    w.driver.push()  # and its packs up to the store, uncommitted
     fresh = {o.key for o in _client(url).list("packs/")} - old - live
     assert fresh
     r1 = remote.gc(s3env, grace=grace)
@@ -441,9 +441,9 @@ def test_corrupted_objects_are_detected(s3env: str, tmp_path: Path) -> None:
     with api.open(url) as d:
         d.write(0, pattern(0, 256 << 10, seed=9))
     c = _client(url)
-    cache = tmp_path / "cache" / "clusters"
-    # a bad local cache entry is dropped and fetched again: right data
-    victim = sorted(cache.iterdir())[0]
+    cache = tmp_path / "cache" / "packs"
+    # a bad local cache entry is a miss, fetched again: right data
+    (victim,) = cache.iterdir()
     victim.write_bytes(b"garbage" + victim.read_bytes()[7:])
     with api.open(url, readonly=True) as d:
         assert d.read(0, 256 << 10) == pattern(0, 256 << 10, seed=9)

@@ -111,11 +111,13 @@ MANIFEST_DIGITS = 10
 MIN_CLUSTER, MAX_CLUSTER = 4096, 2 << 20
 MAX_GUEST_SIZE = 1 << 56
 MAX_SNAPSHOTS = 4096
+MAX_PAGES = 1 << 20  # map pages per image: 64 TiB at 64 KiB clusters; keeps manifests < 64 MiB
 MAX_MANIFEST = 64 << 20
 MAX_INDEX_ENTRIES = 1 << 20  # per pack index object
 MAX_DEDUP_ENTRIES = 4 << 20  # bucket-wide dedup index held in memory; beyond it, dedup stops
 DEFAULT_PACK_SIZE = 4 << 20
 DEFAULT_READAHEAD = 1 << 20
+MAX_INFLIGHT = 4  # packs uploading in the background at once (memory: 4 x pack_size)
 MAX_DIRTY_PAGES = 256  # ~14 MiB of dirty map pages, then they are uploaded ahead of the commit
 COALESCE_GAP = 256 << 10
 MAX_RANGE = 8 << 20
@@ -152,6 +154,12 @@ class Loc:
     length: int
     codec: int
     cks: int
+
+
+def _check_size(where: str, size: int, cs: int) -> None:
+    limit = min(MAX_GUEST_SIZE, MAX_PAGES * PAGE_ENTRIES * cs)
+    if size < 0 or size > limit:
+        raise UsageError(f"{where}: size {size} outside 0..{limit} (cluster size {cs})")
 
 
 # -- manifests ---------------------------------------------------------------------------
@@ -207,6 +215,8 @@ def decode_manifest(data: bytes, where: str, number: int, name: str) -> dict[str
         raise CorruptImage(f"{where}: guest size {size} outside 0..{MAX_GUEST_SIZE}")
     pages = need("pages", list)
     want_pages = -(-size // (cs * PAGE_ENTRIES))
+    if want_pages > MAX_PAGES:
+        raise CorruptImage(f"{where}: {want_pages} map pages (limit {MAX_PAGES})")
     if len(pages) != want_pages:
         raise CorruptImage(
             f"{where}: {len(pages)} map pages for {size} bytes, expected {want_pages}"
@@ -356,6 +366,7 @@ class RemoteDriver(Driver):
             options.get("cache_dir"),
             int(options["cache_bytes"]) if "cache_bytes" in options else None,
         )
+        self._owns_cache = cache is None
         self._owns_executor = executor is None
         self.executor = executor or ThreadPoolExecutor(
             max_workers=int(options.get("workers", 8)), thread_name_prefix="vdisk-s3"
@@ -371,6 +382,9 @@ class RemoteDriver(Driver):
         self._spill_len = 0
         self._spill_entries: list[tuple[bytes, Loc]] = []
         self._session: dict[bytes, Loc] = {}  # clusters this open stored, by content key
+        # packs uploading in the background, and those whose upload failed (kept to retry)
+        self._inflight: dict[bytes, tuple[Any, bytes, list[tuple[bytes, Loc]]]] = {}
+        self._failed: dict[bytes, tuple[bytes, list[tuple[bytes, Loc]]]] = {}
         self._refs: set[bytes] = set()  # packs clusters were mapped to since the last commit
         self._bucket_index: dict[bytes, Loc] | None = None
         self._lock = threading.Lock()  # guards counters touched by worker threads
@@ -452,8 +466,7 @@ class RemoteDriver(Driver):
             raise UsageError(
                 f"{st.path}: cluster size {cs} (a power of two from {MIN_CLUSTER} to {MAX_CLUSTER})"
             )
-        if size < 0 or size > MAX_GUEST_SIZE:
-            raise UsageError(f"{st.path}: size {size} outside 0..{MAX_GUEST_SIZE}")
+        _check_size(st.path, size, cs)
         backing = options.get("backing")
         brec = None
         if backing is not None:
@@ -574,7 +587,12 @@ class RemoteDriver(Driver):
                 self._spill.seek(loc.offset)
                 got[idx] = self._spill.read(loc.length)
                 continue
-            data = self.cache.get(key, loc.cks)
+            pending = self._inflight.get(loc.pack) or self._failed.get(loc.pack)
+            if pending is not None:
+                buf = pending[1] if len(pending) == 3 else pending[0]
+                got[idx] = buf[loc.offset : loc.offset + loc.length]
+                continue
+            data = self.cache.get(loc.pack, loc.offset, loc.length, loc.cks)
             if data is not None:
                 got[idx] = data
                 continue
@@ -628,7 +646,7 @@ class RemoteDriver(Driver):
                 "(deleted by gc while this old version was open?)"
             )
         out = {}
-        for idx, loc, ckey in run:
+        for idx, loc, _key in run:
             piece = data[loc.offset - start : loc.offset - start + loc.length]
             codec.verify(
                 piece,
@@ -636,9 +654,9 @@ class RemoteDriver(Driver):
                 f"{self.storage.path}: cluster {idx} in {self.client.where(key)} at {loc.offset}",
             )
             out[idx] = piece
-            self.cache.put(ckey, loc.cks, piece)
-        for k, loc in extra:
-            self.cache.put(k, loc.cks, data[loc.offset - start : loc.offset - start + loc.length])
+        pieces = [(loc.offset, loc.length, loc.cks) for _i, loc, _k in run]
+        pieces += [(loc.offset, loc.length, loc.cks) for _k, loc in extra]
+        self.cache.put_range(pack, start, data, pieces)
         with self._lock:
             self.counters["range_gets"] += 1
             self.counters["clusters_read_remote"] += len(run)
@@ -765,17 +783,54 @@ class RemoteDriver(Driver):
             return
         self._spill.seek(0)
         data = self._spill.read(self._spill_len)
-        pid = self._spill_id.hex()
-        self.client.put(f"packs/{pid}", data, if_none_match=True)
-        self.client.put(f"index/{pid}", encode_index(self._spill_entries), if_none_match=True)
-        for key, loc in self._spill_entries:  # the writer's reads are local afterwards too
-            self.cache.put(key, loc.cks, data[loc.offset : loc.offset + loc.length])
+        pack, entries = self._spill_id, list(self._spill_entries)
+        # the writer's own reads stay local: the pack goes to the cache tier now
+        pieces = [(loc.offset, loc.length, loc.cks) for _k, loc in entries]
+        self.cache.put_range(pack, 0, data, pieces)
         with self._lock:
-            self.pack_idx.put(self._spill_id, list(self._spill_entries))
-        self.counters["packs_written"] += 1
+            self.pack_idx.put(pack, entries)
         self._spill.close()
         self._spill = None
         self._spill_id = b""
+        # upload in the background (bounded); the commit waits for every upload first
+        self._submit(pack, data, entries)
+        while len(self._inflight) > MAX_INFLIGHT:
+            self._wait_oldest()
+
+    def _upload_pack(self, pack: bytes, data: bytes, entries: list[tuple[bytes, Loc]]) -> None:
+        pid = pack.hex()
+        self.client.put(f"packs/{pid}", data, if_none_match=True)
+        self.client.put(f"index/{pid}", encode_index(entries), if_none_match=True)
+        with self._lock:
+            self.counters["packs_written"] += 1
+
+    def _submit(self, pack: bytes, data: bytes, entries: list[tuple[bytes, Loc]]) -> None:
+        fut = self.executor.submit(self._upload_pack, pack, data, entries)
+        self._inflight[pack] = (fut, data, entries)
+
+    def _wait_oldest(self) -> None:
+        pack = next(iter(self._inflight))
+        fut, data, entries = self._inflight.pop(pack)
+        try:
+            fut.result()
+        except BaseException:
+            self._failed[pack] = (data, entries)  # uploaded again by the next commit
+            raise
+
+    def _drain(self) -> None:
+        """Wait for every pack upload (failed ones are tried again first); the first
+        failure is raised after all have ended."""
+        for pack, (data, entries) in list(self._failed.items()):
+            del self._failed[pack]
+            self._submit(pack, data, entries)
+        err: BaseException | None = None
+        while self._inflight:
+            try:
+                self._wait_oldest()
+            except BaseException as e:
+                err = err or e
+        if err is not None:
+            raise err
 
     def _dedup_lookup(self, key: bytes) -> Loc | None:
         if self._bucket_index is None:
@@ -814,8 +869,7 @@ class RemoteDriver(Driver):
 
     def truncate(self, size: int) -> None:
         self._check_writable()
-        if size < 0 or size > MAX_GUEST_SIZE:
-            raise UsageError(f"{self.storage.path}: size {size} outside 0..{MAX_GUEST_SIZE}")
+        _check_size(self.storage.path, size, self.cluster_size)
         cs = self.cluster_size
         if size < self.size:
             # forget clusters past the new end so growing again shows zeros
@@ -843,6 +897,7 @@ class RemoteDriver(Driver):
     def _upload_pages(self, keep: int | None = None) -> None:
         """Seal the pack, then store dirty map pages as objects (still uncommitted)."""
         self._seal()
+        self._drain()
         todo = [p for p in self.dirty if p != keep]
 
         def up(p: int) -> tuple[int, list[str] | None]:
@@ -872,12 +927,19 @@ class RemoteDriver(Driver):
                     out.append(pidx * PAGE_ENTRIES + i)
         return out
 
+    def push(self) -> None:
+        """Upload everything written so far (packs, not the map) without committing: the
+        background half of a flush, for callers that want the store to have the bytes."""
+        self._seal()
+        self._drain()
+
     def _rescue(self) -> None:
         """Every pack a cluster was mapped to since the last commit (deduplicated against
         another image's pack, or our own pack uploaded long ago): if gc has condemned it
         (its index is gone), store those clusters again in a new pack, so a commit never
         references a pack that gc is about to delete. One HEAD per pack, in parallel."""
         self._seal()
+        self._drain()
         packs = list(self._refs)
         alive = list(
             self.executor.map(lambda p: self.client.head(f"index/{p.hex()}") is not None, packs)
@@ -1125,11 +1187,17 @@ class RemoteDriver(Driver):
         return rep
 
     def close(self) -> None:
+        try:
+            self._drain()
+        except VdiskError as e:  # uncommitted work only: what was committed is intact
+            log.warning("%s: %s", self.storage.path, e)
         if self._spill is not None:
             self._spill.close()
             self._spill = None
         if self._owns_executor:
             self.executor.shutdown(wait=True)
+        if self._owns_cache:
+            self.cache.close()
 
 
 DRIVER = RemoteDriver

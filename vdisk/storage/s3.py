@@ -12,7 +12,8 @@ module gives it what it needs and nothing more:
   to, so the generic layer can hold a path, resolve backing names and take (no) lock. It
   is not a byte store: pread/pwrite refuse.
 - :class:`LocalCache`: the persistent cache tier for stored clusters, a directory bounded
-  in bytes (LRU by file), every entry verified with the cluster's checksum on fill and read.
+  in bytes (one sparse file per pack, LRU by file), every piece verified with the
+  cluster's checksum on fill and on read.
 
 The endpoint comes from ``VDISK_S3_ENDPOINT`` (the CLI's ``--endpoint`` sets it), else
 ``AWS_ENDPOINT_URL``, else AWS itself; credentials from the usual AWS environment
@@ -24,7 +25,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from vdisk.cache import codec
-from vdisk.errors import ChecksumMismatch, ImageNotFound, StorageError, UsageError
+from vdisk.errors import ImageNotFound, StorageError, UsageError
 from vdisk.storage import Storage
 
 SCHEME = "s3://"
@@ -389,21 +389,25 @@ DEFAULT_CACHE_BYTES = 1 << 30
 
 
 class LocalCache:
-    """Stored clusters of remote images in a directory, bounded in bytes, LRU by file.
+    """Stored clusters of remote packs in a directory, bounded in bytes, LRU by file.
 
-    An entry is named by the cluster's content key and the checksum of its stored bytes,
-    so it is valid for every image of every bucket that stores the same cluster; it is
-    verified against that checksum when filled and again when read (a bad entry is
-    dropped and reported as a miss). Several processes may share the directory: entries
-    are written to a temporary name and renamed, and a file that vanishes under a reader
-    is a miss. ``max_bytes`` 0 disables the tier."""
+    One sparse file per pack (``packs/<id>``) holds the clusters fetched from it at their
+    offsets in the pack: creating a file per cluster costs more than fetching it. A piece
+    is verified against the cluster's checksum when it is filled (bytes that do not match
+    are not cached) and again on every read, so a hole, a torn fill or a bit flip of the
+    cache is a miss, never data. Several processes may share the directory: fills write
+    verified bytes only, and a file evicted under a reader is a miss. ``max_bytes`` 0
+    disables the tier."""
+
+    MAX_FDS = 64
 
     def __init__(self, directory: str | None = None, max_bytes: int | None = None) -> None:
-        self.dir = os.path.join(directory or default_cache_dir(), "clusters")
+        self.dir = os.path.join(directory or default_cache_dir(), "packs")
         env = os.environ.get("VDISK_S3_CACHE_BYTES")
         self.max_bytes = max_bytes if max_bytes is not None else int(env or DEFAULT_CACHE_BYTES)
         self._lock = threading.Lock()
-        self._files: OrderedDict[str, int] = OrderedDict()  # name -> size, oldest first
+        self._files: OrderedDict[str, int] = OrderedDict()  # pack -> bytes, oldest first
+        self._fds: OrderedDict[str, int] = OrderedDict()
         self.used = 0
         self.counters = {"hits": 0, "misses": 0, "fills": 0, "evictions": 0, "bad": 0}
         if self.max_bytes <= 0:
@@ -415,92 +419,145 @@ class LocalCache:
                 for e in it:
                     if e.is_file() and not e.name.startswith("."):
                         st = e.stat()
-                        found.append((st.st_mtime, e.name, st.st_size))
+                        found.append((st.st_mtime, e.name, st.st_blocks * 512))
         except OSError as e:
             raise StorageError(f"{self.dir}: cannot use as cache directory: {e.strerror}") from None
         for _, name, size in sorted(found):
             self._files[name] = size
             self.used += size
-        self._shrink()
+        with self._lock:
+            self._shrink()
 
-    @staticmethod
-    def entry_name(key: bytes, cks: int) -> str:
-        return f"{key.hex()}-{cks:016x}"
-
-    def get(self, key: bytes, cks: int) -> bytes | None:
-        if self.max_bytes <= 0:
-            return None
-        name = self.entry_name(key, cks)
-        path = os.path.join(self.dir, name)
+    def _fd(self, name: str, create: bool) -> int | None:
+        """An open descriptor of a pack's cache file (kept in a small LRU); lock held."""
+        fd = self._fds.get(name)
+        if fd is not None:
+            self._fds.move_to_end(name)
+            return fd
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            fd = os.open(
+                os.path.join(self.dir, name),
+                os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0),
+                0o600,
+            )
         except OSError:
-            with self._lock:
-                self.counters["misses"] += 1
-                self._forget(name)
             return None
-        try:
-            codec.verify(data, cks, path)
-        except ChecksumMismatch:
-            with self._lock:
-                self.counters["bad"] += 1
-                self.counters["misses"] += 1
-                self._forget(name)
+        self._fds[name] = fd
+        while len(self._fds) > self.MAX_FDS:
+            _n, old = self._fds.popitem(last=False)
+            os.close(old)
+        if name not in self._files:
+            self._files[name] = 0
+        else:
             try:
-                os.unlink(path)
+                os.utime(fd)  # LRU order survives a restart
             except OSError:
                 pass
-            return None
-        with self._lock:
-            self.counters["hits"] += 1
-            if name in self._files:
-                self._files.move_to_end(name)
-        try:
-            os.utime(path)  # LRU order survives a restart
-        except OSError:
-            pass
-        return data
+        return fd
 
-    def put(self, key: bytes, cks: int, stored: bytes) -> None:
-        """Add a stored cluster; bytes that do not match ``cks`` are refused (not cached)."""
-        if self.max_bytes <= 0 or len(stored) > self.max_bytes // 4:
-            return
+    def get(self, pack: bytes, offset: int, length: int, cks: int) -> bytes | None:
+        if self.max_bytes <= 0:
+            return None
+        name = pack.hex()
+        with self._lock:
+            fd = self._fd(name, False) if name in self._files else None
+            if fd is None:
+                self.counters["misses"] += 1
+                return None
+            self._files.move_to_end(name)
+            try:
+                data = os.pread(fd, length, offset)
+            except OSError:
+                data = b""
+            if len(data) == length and codec.checksum(data) == cks:
+                self.counters["hits"] += 1
+                return data
+            self.counters["misses"] += 1
+            if data.strip(b"\0"):
+                self.counters["bad"] += 1  # not a hole: a damaged entry, refilled on fetch
+            return None
+
+    def put(self, pack: bytes, offset: int, stored: bytes, cks: int) -> bool:
+        """Add one stored cluster at its offset in the pack, if it matches ``cks``."""
+        if self.max_bytes <= 0:
+            return False
         if codec.checksum(stored) != cks:
             with self._lock:
                 self.counters["bad"] += 1
-            return
-        name = self.entry_name(key, cks)
+            return False
+        name = pack.hex()
         with self._lock:
-            if name in self._files:
-                return
-        try:
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".fill-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(stored)
-            os.replace(tmp, os.path.join(self.dir, name))
-        except OSError:
-            return  # a full or read-only cache directory only costs speed
-        with self._lock:
+            fd = self._fd(name, True)
+            if fd is None:
+                return False  # a full or read-only cache directory only costs speed
+            try:
+                os.pwrite(fd, stored, offset)
+            except OSError:
+                return False
             self.counters["fills"] += 1
-            self._files[name] = len(stored)
+            self._files[name] = self._files.get(name, 0) + len(stored)
+            self._files.move_to_end(name)
             self.used += len(stored)
             self._shrink()
+        return True
 
-    def _forget(self, name: str) -> None:
-        size = self._files.pop(name, None)
-        if size is not None:
-            self.used -= size
+    def put_range(
+        self, pack: bytes, start: int, data: bytes, pieces: list[tuple[int, int, int]]
+    ) -> None:
+        """Add a fetched or written range of a pack in one write: ``pieces`` are the
+        (offset, length, checksum) of the clusters in it; one that does not verify is
+        left out (and the others written one by one)."""
+        if self.max_bytes <= 0 or not pieces:
+            return
+        mv = memoryview(data)
+        good = [
+            (off, ln, cks)
+            for off, ln, cks in pieces
+            if off - start >= 0
+            and off - start + ln <= len(data)
+            and codec.checksum(mv[off - start : off - start + ln]) == cks
+        ]
+        name = pack.hex()
+        with self._lock:
+            self.counters["bad"] += len(pieces) - len(good)
+            fd = self._fd(name, True)
+            if fd is None:
+                return
+            try:
+                if len(good) == len(pieces):
+                    lo = min(off for off, _l, _c in good)
+                    hi = max(off + ln for off, ln, _c in good)
+                    os.pwrite(fd, mv[lo - start : hi - start], lo)
+                else:
+                    for off, ln, _c in good:
+                        os.pwrite(fd, mv[off - start : off - start + ln], off)
+            except OSError:
+                return
+            added = sum(ln for _o, ln, _c in good)
+            self.counters["fills"] += len(good)
+            self._files[name] = self._files.get(name, 0) + added
+            self._files.move_to_end(name)
+            self.used += added
+            self._shrink()
 
     def _shrink(self) -> None:
-        while self.used > self.max_bytes and self._files:
+        while self.used > self.max_bytes and len(self._files) > 1:
             name, size = self._files.popitem(last=False)
             self.used -= size
             self.counters["evictions"] += 1
+            fd = self._fds.pop(name, None)
+            if fd is not None:
+                os.close(fd)
             try:
                 os.unlink(os.path.join(self.dir, name))
             except OSError:
                 pass
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
