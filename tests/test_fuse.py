@@ -565,6 +565,10 @@ def test_fs_option_mounts_and_umount_undoes_every_step(tmp_path: Path, mounts: M
     mounts.mount(img, mnt, "--fs")
     assert _mounted(mnt / "fs") == "ext4"
     (mnt / "fs" / "hello").write_text("hi\n")
+    with open(mnt / "fs" / "hello") as busy:  # a busy guest fs is refused, not lazily dropped
+        p = run([*VDISK, "umount", str(mnt)], check=False)
+        assert p.returncode != 0 and "busy" in p.stderr, p.stderr
+        assert _mounted(mnt / "fs") == "ext4" and busy.read() == "hi\n"
     mounts.umount(mnt)
     assert _mounted(mnt / "fs") is None and _mounted(mnt) is None
     assert run(["losetup", "-l", "-n"]).stdout == loops_before

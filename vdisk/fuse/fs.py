@@ -221,6 +221,12 @@ class DiskFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node
 
+    def _handle(self, fh: int) -> Handle:
+        handle = self.handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return handle
+
     def _stats_bytes(self) -> bytes:
         try:
             stats = self.disk.stats()
@@ -325,9 +331,13 @@ class DiskFS(pyfuse3.Operations):
             handle.data = await self._call(self.disk, 0, 1 << 30, False, self._stats_bytes)
         elif node.kind == "snap" and node.disk is None:
             assert node.snapshot is not None
-            node.disk = await self._call(
+            view = await self._call(
                 self.disk, 0, 1 << 30, False, self.disk.snapshots.open, node.snapshot
             )
+            if node.disk is None:
+                node.disk = view
+            else:  # another open of the same snapshot won the race while we waited
+                await self._call(view, 0, 1 << 30, False, view.close)
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = handle
@@ -335,7 +345,7 @@ class DiskFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        handle = self.handles[fh]
+        handle = self._handle(fh)
         node = handle.node
         if handle.data is not None:
             return handle.data[off : off + size]
@@ -347,7 +357,7 @@ class DiskFS(pyfuse3.Operations):
         return await self._call(disk, pos, n, False, disk.read, pos, n)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        handle = self.handles[fh]
+        handle = self._handle(fh)
         node = handle.node
         if not node.writable:
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -361,7 +371,7 @@ class DiskFS(pyfuse3.Operations):
         return n
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        handle = self.handles[fh]
+        handle = self._handle(fh)
         if handle.node.writable:
             await self._call(handle.disk, 0, 1 << 30, False, handle.disk.flush)
 
@@ -379,7 +389,7 @@ class DiskFS(pyfuse3.Operations):
     # would call; tests call them directly.
 
     async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
-        handle = self.handles[fh]
+        handle = self._handle(fh)
         node = handle.node
         punch, zero, keep = 0x02, 0x10, 0x01  # FALLOC_FL_PUNCH_HOLE, _ZERO_RANGE, _KEEP_SIZE
         if not node.writable:
@@ -401,7 +411,7 @@ class DiskFS(pyfuse3.Operations):
 
     async def lseek(self, fh: int, off: int, whence: int) -> int:
         """SEEK_DATA / SEEK_HOLE from the disk's block status (HOLE and ZERO are holes)."""
-        handle = self.handles[fh]
+        handle = self._handle(fh)
         node = handle.node
         if off < 0 or off >= node.length:
             raise pyfuse3.FUSEError(errno.ENXIO)

@@ -340,12 +340,19 @@ async def _controller(st: _State, ready: Ready) -> None:
             announced = True
             async for signum in signals:
                 log.info("signal %s: unmounting", signal.Signals(signum).name)
-                break
+                if await _teardown_fs(st, force=False):
+                    break
+                # unmounting a busy guest fs lazily would leave it writing into a dead
+                # mount: keep serving until whoever uses it lets go
+                log.error(
+                    "%s is busy: still mounted; close what uses it and unmount again",
+                    st.fs_dir,
+                )
         except VdiskError as e:
             st.error = e
         finally:
             with trio.CancelScope(shield=True):
-                await _teardown_fs(st)
+                await _teardown_fs(st, force=True)
             with contextlib.suppress(Exception):
                 pyfuse3.terminate()
             if not announced:
@@ -396,20 +403,26 @@ async def _setup_fs(st: _State) -> None:
     st.fs_mounted = True
 
 
-async def _teardown_fs(st: _State) -> None:
-    """Undo --fs: unmount (retrying while busy, then lazily), then free the loop device."""
+async def _teardown_fs(st: _State, *, force: bool) -> bool:
+    """Undo --fs: unmount the guest fs (retrying for a while if busy), then free the loop
+    device. False if the fs stayed busy; with ``force`` (the FUSE loop is ending anyway)
+    it is then unmounted lazily."""
     if st.fs_mounted and st.fs_dir:
-        for attempt in range(20):
+        for attempt in range(12):
+            if _mount_fstype(st.fs_dir) is None:  # `vdisk umount` did it already
+                break
             try:
                 await _run(["umount", st.fs_dir])
                 break
             except VdiskError as e:
-                if attempt == 19:
+                if attempt < 11:
+                    await trio.sleep(0.25)
+                elif not force:
+                    return False
+                else:
                     log.warning("%s; unmounting lazily", e)
                     with contextlib.suppress(VdiskError):
                         await _run(["umount", "-l", st.fs_dir])
-                else:
-                    await trio.sleep(0.25)
         st.fs_mounted = False
     if st.loop:
         try:
@@ -417,6 +430,7 @@ async def _teardown_fs(st: _State) -> None:
         except VdiskError as e:
             log.warning("%s", e)
         st.loop = None
+    return True
 
 
 # -- vdisk umount ---------------------------------------------------------------------
@@ -438,7 +452,14 @@ def unmount(mountpoint: str, *, timeout: float = UMOUNT_TIMEOUT) -> None:
         and _start_time(pid) == state.get("start_time")  # type: ignore[union-attr]
     )
     if alive:
-        assert isinstance(pid, int)
+        assert isinstance(pid, int) and state is not None
+        fs_dir = state.get("fs_dir")
+        if isinstance(fs_dir, str) and _mount_fstype(fs_dir) is not None:
+            # unmount the guest fs here first, so a busy one is reported at once
+            res = subprocess.run(["umount", fs_dir], capture_output=True, text=True, check=False)
+            if res.returncode != 0:
+                why = (res.stderr.strip().splitlines() or ["busy"])[-1]
+                raise VdiskError(f"{fs_dir}: cannot unmount the guest file system: {why}")
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while _start_time(pid) is not None:
