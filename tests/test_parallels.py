@@ -325,3 +325,20 @@ def test_mutated_headers_give_clear_errors(small):
             except VdiskError:
                 pass
             assert time.monotonic() - t < 5
+
+
+def test_unclean_close_is_reported_and_repaired(small, qemu_img):
+    _patch(small, 44, struct.pack("<I", prl.IN_USE))
+    assert qemu_img("check", small, check=False).returncode == 2  # qemu: not closed correctly
+    d = _open(small)
+    try:
+        rep = d.check()
+        assert rep.exit_code == 0 and rep.info["closed-cleanly"] is False
+    finally:
+        d.close()
+    d = _open(small, readonly=False)
+    try:
+        assert d.check(repair=True).repaired
+    finally:
+        d.close()
+    qemu_img("check", small)

@@ -476,8 +476,6 @@ class ParallelsDriver(Driver):
         cs = self.cluster_size
         slots = max(0, -(-(fsize - self.data_offset) // cs))
         seen = bytearray(-(-slots // 8))
-        if self.in_use == IN_USE and not self._dirty:
-            rep.corruptions.append("image was not closed cleanly (in_use is set)")
         for idx in range(self.nbat):
             e = self.bat.get(idx)
             if e == 0 or self.flags & FLAG_EMPTY:
@@ -493,7 +491,15 @@ class ParallelsDriver(Driver):
             if seen[s >> 3] & (1 << (s & 7)):
                 rep.corruptions.append(f"BAT entry {idx}: cluster at {host} is used twice")
             seen[s >> 3] |= 1 << (s & 7)
-        rep.info = {"clusters": self.nbat}
+        # An unclean close alone is no corruption here: vdisk's write order keeps the BAT
+        # consistent (qemu counts it as one and refuses to write until repaired).
+        unclean = self.in_use == IN_USE and not self._dirty
+        rep.info = {"clusters": self.nbat, "closed-cleanly": not unclean}
+        if unclean and repair and not rep.corruptions and not self.readonly:
+            self.storage.pwrite(44, struct.pack("<I", CLOSED))
+            self.storage.sync()
+            self.in_use = CLOSED
+            rep.repaired.append("in_use flag cleared (the image was not closed cleanly)")
         return rep
 
     # -- creation -------------------------------------------------------------------------------
