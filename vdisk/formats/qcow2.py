@@ -372,6 +372,8 @@ class Qcow2Driver(Driver):
             if incompat & INCOMPAT_DIRTY:
                 # refcounts may be stale (lazy refcounts): rebuild before any allocation
                 self._rebuild_refcounts()
+                self._update_snapshot_refcounts(self.l1, 0, active=True)  # COPIED flags
+                self.flush()
                 self._set_incompat(self.incompat & ~INCOMPAT_DIRTY)
             if autoclear:
                 # we do not maintain bitmaps: clearing the bits marks them inconsistent
