@@ -878,6 +878,39 @@ class Qcow2Driver(Driver):
                 self._set_entry(t, l2i, 0, 0)
             gidx += 1
 
+    def compact(self) -> int:
+        """Punch every free cluster inside the file and cut a free tail off it; returns
+        the bytes of host space released (as far as the storage can tell)."""
+        self._check_writable()
+        self.flush()
+        cs = self.cluster_size
+        before = self._host_bytes()
+        fsize = self.storage.size()
+        n = max(-(-fsize // cs), self.refs.alloc_end)
+        last, run = 0, -1  # last used cluster; start of the current free run
+        for c in range(1, n + 1):
+            used = c < n and self.refs.get(c) != 0
+            if c < n and not used:
+                if run < 0:
+                    run = c
+                continue
+            if run >= 0:
+                self.storage.punch_hole(run * cs, (c - run) * cs)
+                run = -1
+            if used:
+                last = c
+        end = (last + 1) * cs
+        if end < fsize:
+            self.storage.truncate(end)
+        self.refs.alloc_end = last + 1
+        self.refs.hint = 1
+        self.storage.sync()
+        return max(0, before - self._host_bytes())
+
+    def _host_bytes(self) -> int:
+        allocated = getattr(self.storage, "allocated_bytes", None)
+        return allocated() if allocated is not None else self.storage.size()
+
     # -- creation --------------------------------------------------------------------------
 
     @classmethod
