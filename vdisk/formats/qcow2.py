@@ -10,6 +10,23 @@ refcount blocks -> refcount table -> (data is already written) -> L2 tables -> L
 then the frees queued by overwrites and discards (decrements only once nothing on disk
 points at the cluster any more). An L2 table evicted from the cache is written only after
 the refcounts it depends on are durable. A crash therefore leaks clusters at worst.
+
+Crash protocol (tests/test_qcow2.py takes crash images at every sync and at random writes
+and runs ``qemu-img check`` on each):
+
+======================================  ===============================  ====================
+crash point                             on disk                          open / check
+======================================  ===============================  ====================
+after new refcounts, before L2/L1       refcounts of unmapped clusters   leaks (check: exit 3)
+after data, before its L2 entry         old mapping, new data unmapped   old data, leaks
+after L2, before L1 entry               new L2 table not yet linked      old data, leaks
+after L1, before queued decrements      old clusters still counted       new data, leaks
+refcount table / L1 growth              new table written and synced     old or new table,
+                                        before the header switches       leaks
+snapshot create / delete / revert       dirty bit set first (v3)         a writable open
+                                                                         rebuilds refcounts
+                                                                         and COPIED flags
+======================================  ===============================  ====================
 """
 
 from __future__ import annotations
