@@ -432,9 +432,13 @@ def test_ext4_on_disk_survives_unmount_and_remount(
 def test_gpt_partitions_each_hold_their_own_ext4(tmp_path: Path, mounts: Mounts) -> None:
     need("mkfs.ext4")
     img = _image(tmp_path, "raw", 80 * MiB)
-    parts = _numbers(_sfdisk(img, "label: gpt\n,30M\n,,\n"))
     mnt = tmp_path / "mnt"
     mounts.mount(img, mnt)
+    assert not [n for n in os.listdir(mnt) if n.startswith("p")]
+    # partitioned through the mount: the pN files follow the new table at once
+    parts = _numbers(_sfdisk(mnt / "disk", "label: gpt\n,30M\n,,\n"))
+    assert sorted(n for n in os.listdir(mnt) if n.startswith("p")) == ["p1", "p2"]
+    assert (mnt / "p2").stat().st_size == parts[2][1]
     for n in (1, 2):
         run(["mkfs.ext4", "-q", "-F", "-L", f"part{n}", str(mnt / f"p{n}")])
         dev = mounts.loop(mnt / f"p{n}")

@@ -38,7 +38,7 @@ from vdisk.api import Disk
 from vdisk.cache.cluster import READAHEAD_MAX
 from vdisk.errors import VdiskError
 from vdisk.formats.base import Kind
-from vdisk.fuse.partitions import Partition
+from vdisk.fuse.partitions import Partition, scan
 
 log = logging.getLogger("vdisk.fuse")
 
@@ -75,6 +75,7 @@ class Node:
 class Handle:
     node: Node
     data: bytes | None = None  # the stats file's content, frozen at open
+    wrote: bool = False
 
     @property
     def disk(self) -> Disk:
@@ -140,16 +141,7 @@ class DiskFS(pyfuse3.Operations):
         root = self._add("", ROOT, "dir")
         root.parent = ROOT
         self._add("disk", ROOT, "disk", length=disk.size, disk=disk, writable=not readonly)
-        for p in partitions:
-            self._add(
-                f"p{p.number}",
-                ROOT,
-                "part",
-                length=p.length,
-                base=p.offset,
-                disk=disk,
-                writable=not readonly,
-            )
+        self._add_partitions(partitions)
         snapdir = self._add("snapshots", ROOT, "dir")
         for s in self._list_snapshots():
             if "/" in s.name or s.name in ("", ".", "..") or s.name in snapdir.children:
@@ -159,6 +151,39 @@ class DiskFS(pyfuse3.Operations):
         self._add("stats", ROOT, "stats")
         if fs_dir:
             self._add("fs", ROOT, "dir")
+
+    def _add_partitions(self, partitions: list[Partition]) -> None:
+        for p in partitions:
+            self._add(
+                f"p{p.number}",
+                ROOT,
+                "part",
+                length=p.length,
+                base=p.offset,
+                disk=self.disk,
+                writable=not self.readonly,
+            )
+
+    def _partitions(self) -> list[tuple[str, int, int]]:
+        parts = (self.nodes[i] for i in self.nodes[ROOT].children.values())
+        return sorted((n.name, n.base, n.length) for n in parts if n.kind == "part")
+
+    async def _rescan(self) -> None:
+        """Re-read the partition table after the whole disk was written (sfdisk, dd of an
+        image), so p1, p2, ... follow it without a remount. Files still open on a
+        partition that went away keep their old window until closed."""
+        found = await self._call(
+            self.disk, 0, 1 << 30, False, scan, self.disk.read, self.disk.size, self.image
+        )
+        new = sorted((f"p{p.number}", p.offset, p.length) for p in found)
+        if new == self._partitions():
+            return
+        root = self.nodes[ROOT]
+        for name in [n for n, i in root.children.items() if self.nodes[i].kind == "part"]:
+            del root.children[name]
+            pyfuse3.invalidate_entry_async(ROOT, name.encode(), ignore_enoent=True)
+        self._add_partitions(found)
+        log.info("partition table changed: %s", ", ".join(n for n, _, _ in new) or "none")
 
     def _list_snapshots(self) -> list[Any]:
         try:
@@ -368,6 +393,7 @@ class DiskFS(pyfuse3.Operations):
         data = buf if n == len(buf) else memoryview(buf)[:n]
         disk = handle.disk
         await self._call(disk, pos, n, True, disk.write, pos, data)
+        handle.wrote = True
         return n
 
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -380,7 +406,9 @@ class DiskFS(pyfuse3.Operations):
         return None
 
     async def release(self, fh: int) -> None:
-        self.handles.pop(fh, None)
+        handle = self.handles.pop(fh, None)
+        if handle is not None and handle.wrote and handle.node.kind == "disk":
+            await self._rescan()
 
     # -- not reached with pyfuse3 3.5: it has no fallocate or lseek handler ---------------
     #

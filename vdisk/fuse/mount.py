@@ -39,9 +39,9 @@ import pyfuse3
 import trio
 
 from vdisk import api, runtime
-from vdisk.errors import CorruptImage, UsageError, VdiskError
+from vdisk.errors import UsageError, VdiskError
 from vdisk.fuse.fs import DiskFS
-from vdisk.fuse.partitions import Partition, read_table
+from vdisk.fuse.partitions import Partition, scan
 
 log = logging.getLogger("vdisk.fuse")
 
@@ -128,18 +128,6 @@ def open_disk(opts: MountOptions) -> api.Disk:
         snapshot=opts.snapshot,
         cache_mb=opts.cache_mb,
     )
-
-
-def find_partitions(disk: api.Disk, name: str) -> list[Partition]:
-    """The partitions to show; a damaged table gives a warning and no partition files."""
-    try:
-        table = read_table(disk.read, disk.size, name)
-    except CorruptImage as e:
-        log.warning("partition table ignored: %s", e)
-        return []
-    for w in table.warnings:
-        log.warning("%s", w)
-    return table.partitions
 
 
 def resolve_fs_target(choice: str, partitions: list[Partition], image: str) -> str:
@@ -264,7 +252,7 @@ def serve(opts: MountOptions, ready: Ready) -> None:
     with contextlib.ExitStack() as stack:
         disk = open_disk(opts)
         stack.callback(disk.close)
-        partitions = find_partitions(disk, opts.image)
+        partitions = scan(disk.read, disk.size, opts.image)
         target = resolve_fs_target(opts.fs, partitions, opts.image) if opts.fs else None
         fs = DiskFS(
             disk,

@@ -15,6 +15,7 @@ hostile table costs at most a few reads and a clear error.
 
 from __future__ import annotations
 
+import logging
 import struct
 import uuid
 import zlib
@@ -56,6 +57,8 @@ MAX_GPT_ENTRY = 4096  # bytes per GPT entry
 SECTOR_SIZES = (512, 4096)
 
 Reader = Callable[[int, int], bytes]
+
+log = logging.getLogger("vdisk.fuse")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +116,19 @@ def read_table(read: Reader, size: int, name: str) -> Table:
     if any(e[0] not in (0x00, 0x80) for e in entries):
         return Table(None)
     return _read_mbr(read, size, name, entries)
+
+
+def scan(read: Reader, size: int, name: str) -> list[Partition]:
+    """The partitions to show: a damaged table is logged and gives none (the whole disk
+    stays usable, so the table can be repaired through it)."""
+    try:
+        table = read_table(read, size, name)
+    except CorruptImage as e:
+        log.warning("partition table ignored: %s", e)
+        return []
+    for w in table.warnings:
+        log.warning("%s", w)
+    return table.partitions
 
 
 # -- MBR -------------------------------------------------------------------------------
