@@ -807,10 +807,12 @@ class Qcow2Driver(Driver):
             i = j + 1
 
     def close(self) -> None:
-        if not self.readonly:
-            self.flush()
-        if self._owns_storage:
-            self.storage.close()
+        try:
+            if not self.readonly:
+                self.flush()
+        finally:
+            if self._owns_storage:
+                self.storage.close()
 
     # -- header rewrites -------------------------------------------------------------------
 
