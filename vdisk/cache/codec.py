@@ -11,7 +11,7 @@ not a MAC and does not authenticate an image against a deliberate forger.
 
 from __future__ import annotations
 
-import lz4.block
+import lz4.block  # type: ignore[import-untyped]
 import xxhash
 
 from vdisk.errors import ChecksumMismatch, CorruptImage, UnsupportedFeature

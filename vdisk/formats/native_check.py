@@ -117,7 +117,7 @@ class _Walker:
         rt = d.rtree
         stored: dict[int, int] = {}
 
-        def node_at(level: int, key: int, node: bytes) -> None:
+        def node_at(level: int, key: int, node: bytes | bytearray) -> None:
             if level == 0:
                 arr = array("H")
                 arr.frombytes(bytes(node))
@@ -128,7 +128,7 @@ class _Walker:
                 return
             for j in range(1 << rt.fan_bits):
                 ckey = (key << rt.fan_bits) | j
-                child = rt.dirty.get((level - 1, ckey))
+                child: bytes | bytearray | None = rt.dirty.get((level - 1, ckey))
                 if child is None:
                     off = j << ENTRY_BITS
                     if node[off : off + ENTRY.size] == NULL_ENTRY:
@@ -147,7 +147,7 @@ class _Walker:
                         continue
                 node_at(level - 1, ckey, child)
 
-        root = rt.dirty.get((rt.depth - 1, 0))
+        root: bytes | bytearray | None = rt.dirty.get((rt.depth - 1, 0))
         if (
             root is None
             and rt.root.host

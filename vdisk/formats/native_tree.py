@@ -143,13 +143,14 @@ class Tree:
         """The leaf holding item ``i``, or (None, flags) for an empty (0) or zero subtree."""
         if i >= self.capacity:
             return None, 0
-        node, flags = self._root_node()
-        if node is None:
+        root, flags = self._root_node()
+        if root is None:
             return None, flags
+        node: Node = root
         level = self.depth - 1
         while level > 0:
             ckey = i >> self.span(level - 1)
-            child = self.dirty.get((level - 1, ckey))
+            child: Node | None = self.dirty.get((level - 1, ckey))
             if child is None:
                 e = Entry.unpack(node, (ckey & self.fan_mask) << ENTRY_BITS)
                 if e.host == 0:
