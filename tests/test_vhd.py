@@ -575,3 +575,34 @@ def test_check_footer_copy(tmp_path):
     assert _read(img) == good
     with vdisk.open(img, readonly=True) as d:
         assert d.check().exit_code == 0
+
+
+@pytest.mark.parametrize("sub", ["fixed", "dynamic"])
+@pytest.mark.parametrize("force", [True, False])
+def test_resize(tmp_path, qemu_img, sub, force):
+    """Grow (past the room of the BAT's own sectors, so the BAT moves) and shrink, and
+    qemu agrees on size and content after each step."""
+    img = str(tmp_path / "r.vhd")
+    opts = {"subformat": sub, "force_size": force, "cluster_size": 64 * K}
+    vdisk.create(img, SIZE, format="vhd", options=opts)  # the BAT's sector: 128 blocks
+    with vdisk.open(img, format="vhd") as d:
+        size0 = d.size
+        d.write(0, pattern(0, size0))
+    model = bytearray(pattern(0, size0))
+    for new in (20 * M + 512 * 7, 5 * M - 512, 7 * M):
+        with vdisk.open(img, format="vhd") as d:
+            d.resize(new)
+            assert d.size == new
+            model = model[:new] + bytes(max(0, new - len(model)))
+            d.write(new - 3000, b"\x7e" * 3000)  # the very end of the disk
+            model[new - 3000 : new] = b"\x7e" * 3000
+        with vdisk.open(img, format="vhd", readonly=True) as d:
+            assert d.size == new
+            for off in (0, 2 * M - 4096, new - 3 * M):
+                assert d.read(off, 3 * M) == model[off : off + 3 * M]
+            assert d.check().exit_code == 0
+        info = qemu_img("info", "-f", "vpc", "--output", "json", img).stdout
+        assert f'"virtual-size": {new},' in info
+        ref = str(tmp_path / "ref.raw")
+        _put(ref, model)
+        qemu_img("compare", "-f", "vpc", "-F", "raw", img, ref)

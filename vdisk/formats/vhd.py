@@ -411,7 +411,7 @@ class VhdDriver(Driver):
         self.entries = need
         self.bitmap_size = _bitmap_size(b)
         self.cluster_size = min(b, 65536)
-        self.meta_end = max(f.data_offset + DYN_HEADER_SIZE, self.bat_end)
+        self.header_end = f.data_offset + DYN_HEADER_SIZE
         if self.type == TYPE_DIFF:
             self.backing = BackingRef(self._parent_path(raw, pname, where), "vhd")
         if self.footer_from_copy and not self.readonly:
@@ -489,14 +489,16 @@ class VhdDriver(Driver):
         e = t[b % BAT_PAGE]
         if e != UNUSED:
             start = e * SECTOR
+            end = start + self.bitmap_size + self.block_size
             if (
-                start < self.meta_end
-                or start + self.bitmap_size + self.block_size > self.footer_pos
+                start < self.header_end
+                or end > self.footer_pos
+                or (start < self.bat_end and end > self.bat_offset)
             ):
                 raise CorruptImage(
                     f"{self.storage.path}: BAT entry {b} points to sector {e}: the block "
-                    f"(offset {start}, {self.bitmap_size + self.block_size} bytes) is outside "
-                    f"{self.meta_end}..{self.footer_pos}"
+                    f"(offset {start}, {end - start} bytes) overlaps the header or BAT, or "
+                    f"ends past the footer at {self.footer_pos}"
                 )
         return e
 
@@ -628,13 +630,115 @@ class VhdDriver(Driver):
             if s1 * SECTOR < end:
                 self._write_block(b, s1 * SECTOR, bytes(end - s1 * SECTOR))
             # whole sectors: clear their bits (a clear bit reads as zeros without a parent)
+            # and zero their data (qemu reads allocated blocks ignoring the bitmap)
             bm = self._bitmap(b, e)
             lo, hi = _set_bits(bm, s0, s1, False)
             self.storage.pwrite(e * SECTOR + lo, bytes(bm[lo:hi]))
-            if unmap:
-                self.storage.punch_hole(
-                    e * SECTOR + self.bitmap_size + s0 * SECTOR, (s1 - s0) * SECTOR
+            self.storage.punch_hole(e * SECTOR + self.bitmap_size + s0 * SECTOR, (s1 - s0) * SECTOR)
+
+    # -- resize -------------------------------------------------------------------------
+
+    def truncate(self, size: int) -> None:
+        """Grow or shrink a fixed or dynamic disk (qemu cannot resize VHDs at all).
+
+        A CHS-sized disk keeps CHS sizing when the new size has a geometry; otherwise it
+        switches to the current size (creator "qem2", maximum geometry), as qemu's
+        ``force_size=on`` would have made it. Order: data structures first (a new footer
+        past the data of a grown fixed disk; BAT room of a grown dynamic disk; unmapped
+        blocks of a shrunk one), a barrier, then the footers that state the new size."""
+        where = self.storage.path
+        if self.readonly:
+            raise ReadOnlyImage(f"{where}: opened read-only")
+        if self.type == TYPE_DIFF:
+            raise UnsupportedFeature(f"{where}: a differencing disk has its parent's size")
+        if not 0 < size <= MAX_SIZE or size % SECTOR:
+            raise UsageError(
+                f"{where}: VHD size {size} must be a positive multiple of 512 up to {MAX_SIZE}"
+            )
+        if size == self.size:
+            return
+        st, f = self.storage, self.footer
+        creator, chs = f.creator, (f.cyls, f.heads, f.spt)
+        if self.size_from == "chs":
+            csize, cchs = _chs_size(size)
+            if csize == size and cchs != MAX_CHS:
+                chs = cchs
+            else:
+                creator, chs = b"qem2", MAX_CHS
+        elif chs != MAX_CHS:
+            chs = geometry(size // SECTOR)  # Hyper-V style: the geometry below the size
+        old = self.size
+        if self.type == TYPE_FIXED:
+            footer = self._new_footer(size, chs, creator)
+            st.pwrite(size, footer)  # the new footer first: the old one stays valid till then
+            st.sync()
+            if size > old:
+                st.pwrite(old, bytes(FOOTER_SIZE))  # the old footer becomes guest zeros
+            else:
+                st.truncate(size + FOOTER_SIZE)
+            st.sync()
+            self.footer_pos = size
+        else:
+            self._resize_dynamic(old, size)
+            footer = self._new_footer(size, chs, creator)
+            st.pwrite(self.footer_pos, footer)
+            st.sync()
+            st.pwrite(0, footer)
+            st.sync()
+            self.entries = (size + self.block_size - 1) // self.block_size
+        self.footer = _Footer(footer)
+        self.size = size
+        if creator == b"qem2" or chs == MAX_CHS:
+            self.size_from = "current_size"
+
+    def _new_footer(self, size: int, chs: tuple[int, int, int], creator: bytes) -> bytes:
+        raw = bytearray(self.footer.raw)
+        struct.pack_into(">4s", raw, 28, creator)
+        struct.pack_into(">QHBB", raw, 48, size, *chs)
+        raw[FOOTER_CSUM_AT : FOOTER_CSUM_AT + 4] = struct.pack(">I", checksum(raw, FOOTER_CSUM_AT))
+        return bytes(raw)
+
+    def _resize_dynamic(self, old: int, size: int) -> None:
+        st, b = self.storage, self.block_size
+        need = (size + b - 1) // b
+        # sectors past the smaller size in its last block must read as zeros later
+        last = min(old, size)
+        lb = last // b
+        if last % b and lb < self.entries and (e := self._bat(lb)) != UNUSED:
+            bm = self._bitmap(lb, e)
+            s0 = (last % b) // SECTOR
+            lo, hi = _set_bits(bm, s0, b // SECTOR, False)
+            st.pwrite(e * SECTOR + lo, bytes(bm[lo:hi]))
+            # and zeros in the data too: qemu reads allocated blocks ignoring the bitmap
+            st.punch_hole(e * SECTOR + self.bitmap_size + s0 * SECTOR, b - s0 * SECTOR)
+        for blk in range(need, self.entries):  # shrink: blocks past the end are dropped
+            if self._bat(blk) != UNUSED:
+                self._set_bat(blk, UNUSED)
+        if need > self.max_entries:
+            room = (self.max_entries * 4 + SECTOR - 1) // SECTOR * SECTOR // 4
+            if need <= room:  # the BAT's own padding has room
+                st.pwrite(
+                    self.bat_offset + self.max_entries * 4, b"\xff" * (need - self.max_entries) * 4
                 )
+            else:  # a new, larger BAT where the footer was; the old one is left unused
+                bat = bytearray(st.pread_exact(self.bat_offset, self.max_entries * 4, "BAT"))
+                bat += b"\xff" * ((need - self.max_entries) * 4)
+                bat += bytes(-len(bat) % SECTOR)
+                at = self.footer_pos
+                st.pwrite(at, bytes(bat) + self.footer.raw)
+                self.bat_offset, self.footer_pos = at, at + len(bat)
+            st.sync()
+            self.max_entries = need
+            self.bat_end = self.bat_offset + need * 4
+            self.tables.clear()
+            hdr = bytearray(self.header_raw)
+            struct.pack_into(">Q", hdr, 16, self.bat_offset)
+            struct.pack_into(">I", hdr, 28, need)
+            hdr[DYN_CSUM_AT : DYN_CSUM_AT + 4] = struct.pack(">I", checksum(hdr, DYN_CSUM_AT))
+            # every changed field and the checksum sit in the header's first sector
+            st.pwrite(self.footer.data_offset, bytes(hdr[:SECTOR]))
+            self.header_raw = bytes(hdr)
+        st.sync()
 
     # -- chain --------------------------------------------------------------------------
 
