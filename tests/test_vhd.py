@@ -187,9 +187,11 @@ def test_write_zeroes_and_discard_dynamic(tmp_path, qemu_img):
         d.write(0, data)
     with vdisk.open(img) as d:
         d.write_zeroes(100, 5000)  # partial sectors on both sides
+        d.write_zeroes(4 * M + 100, 5000, unmap=False)  # qemu, ignoring bitmaps, sees zeros
         d.discard(2 * M, 2 * M)  # a whole block
     model = bytearray(data)
     model[100:5100] = bytes(5000)
+    model[4 * M + 100 : 4 * M + 5100] = bytes(5000)
     model[2 * M : 4 * M] = bytes(2 * M)
     with vdisk.open(img, readonly=True) as d:
         assert d.read(0, SIZE) == model
