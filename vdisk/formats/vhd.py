@@ -29,7 +29,12 @@ was, the footer is written after them, a barrier (``sync``), and only then the B
 points at the block. A crash before the BAT update leaks the space; a crash before the
 new footer lands leaves the footer only as the copy at offset 0, which ``open`` uses
 (and, opened for writing, writes back to the end). Writes into an allocated block write
-the data before the bitmap bits that make it visible.
+the data before the bitmap bits that make it visible. Zeroed sectors get their bits
+cleared and their data zeroed too (qemu reads allocated blocks ignoring the bitmap).
+
+A fixed VHD has no magic at its start (its only footer is at the end), so probing the
+first bytes finds it only when the whole file fits in the probe: open it with format
+"vhd" (qemu has the same limit and opens such files as raw).
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ Writing: flat and sparse extents fully (a GD entry of 0 gets a new GT, and its r
 copy, at the end of the file). Stream-optimized (compressed) extents accept any write,
 not only qemu's whole-grain appends: a write to a grain appends a new compressed copy of
 the whole grain and repoints the GT; the old copy stays behind as unreferenced space
-(``compact`` does not reclaim it). vdisk's own streamOptimized images keep GTs and GD at
+(``compact`` does not reclaim it, nor the space of grains unmapped by ``discard`` or
+whole-grain ``write_zeroes``). vdisk's own streamOptimized images keep GTs and GD at
 the end of the file ("GD at end"), rewritten at every ``flush``; while such an image is
 being appended to it has no valid footer until ``flush``/``close`` (as VMware's stream
 writer), so a crash in between leaves it unreadable.
