@@ -486,3 +486,30 @@ def test_qemu_killed_mid_write_leaves_a_log_we_replay(tmp_path, qemu_img, qemu_i
         assert disk.read(0, disk.size) == want
     qemu_img("check", path)
     assert _qemu_raw(qemu_img, path, tmp_path) == want
+
+
+def test_chunk_boundary(tmp_path, qemu_io):
+    """Past 4 GiB (one chunk of 512-byte sectors) every BAT index is shifted by the sector
+    bitmap entry between chunks: qemu and vdisk must agree on both sides of it."""
+    base, top = str(tmp_path / "base.vhdx"), str(tmp_path / "top.vhdx")
+    size, edge = 5 << 30, 4 << 30
+    vdisk.create(base, size, format="vhdx", cluster_size=MiB)
+    with vdisk.open(base) as d:
+        d.write(edge - 4096, b"a" * 8192)
+        d.write(size - 512, b"e" * 512)
+    qemu_io("-c", f"read -P 0x61 {edge - 4096} 8192", "-c", f"read -P 0x65 {size - 512} 512", base)
+    qemu_io("-c", f"write -P 0x71 {edge + MiB} 4096", base)
+    vdisk.create(top, None, format="vhdx", backing="base.vhdx", cluster_size=MiB)
+    with vdisk.open(top) as d:
+        d.write(edge - 65536, b"t" * 131072)  # partially present blocks in two chunks
+        assert d.read(edge - 65536 - 4096, 4096) == bytes(4096)
+        assert d.read(edge - 65536, 131072) == b"t" * 131072
+        assert d.read(edge + 65536, 4096) == bytes(4096)
+        assert d.read(edge + MiB, 4096) == b"q" * 4096
+        assert d.read(size - 512, 512) == b"e" * 512
+    drv = _open(top)
+    try:
+        assert drv.check().exit_code == 0
+        assert drv.bat.count == 2 * (drv.chunk_ratio + 1)
+    finally:
+        drv.close()
