@@ -77,7 +77,7 @@ class _State:
     fs_dir: str | None = None
     fs_mounted: bool = False
     error: VdiskError | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    early_signals: list[int] = field(default_factory=list)
 
 
 # -- checks ---------------------------------------------------------------------------
@@ -270,6 +270,12 @@ def serve(opts: MountOptions, ready: Ready) -> None:
             options.add("allow_other")
         if opts.readonly:
             options.add("ro")
+        # a SIGTERM between the kernel mount and trio's signal receiver must not kill the
+        # process with the mount left dangling: note it, the controller acts on it
+        early: list[int] = []
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous = signal.signal(sig, lambda signum, _frame: early.append(signum))
+            stack.callback(signal.signal, sig, previous)
         try:
             pyfuse3.init(fs, opts.mountpoint, options)
         except RuntimeError:
@@ -281,7 +287,7 @@ def serve(opts: MountOptions, ready: Ready) -> None:
             ) from None
         stack.callback(pyfuse3.close, unmount=True)
         stack.callback(_remove_state, opts.mountpoint)
-        st = _State(opts, target=target)
+        st = _State(opts, target=target, early_signals=early)
         trio.run(_main, fs, st, ready)
         if st.error is not None:
             raise st.error
@@ -326,6 +332,10 @@ async def _controller(st: _State, ready: Ready) -> None:
             _write_state(st)
             ready(None)
             announced = True
+            if st.early_signals:
+                log.info("signal before the mount was ready: unmounting")
+                await _teardown_fs(st, force=True)
+                return
             async for signum in signals:
                 log.info("signal %s: unmounting", signal.Signals(signum).name)
                 if await _teardown_fs(st, force=False):
