@@ -159,6 +159,16 @@ class Layer:
                     out += self._read_backing(e.offset, e.length)
             return bytes(out)
 
+    def read_clusters(self, first: int, count: int, cs: int) -> list[bytes]:
+        """Clusters of ``cs`` bytes, for the cache; without a backing image the driver
+        hands over its own per-cluster buffers (no join and split)."""
+        if self.backing is None and cs == self.driver.cluster_size:
+            with self.lock:
+                return self.driver.read_clusters(first, count)
+        start = first * cs
+        data = self.read(start, min(count * cs, self.size - start))
+        return [data[i : i + cs] for i in range(0, len(data), cs)]
+
     def _read_backing(self, offset: int, length: int) -> bytes:
         assert self.backing is not None
         bsize = self.backing.size
@@ -329,7 +339,7 @@ class Disk:
         self._last_commit = time.monotonic()
         self._cache = ClusterCache(
             layer.driver,
-            layer.read,
+            layer,
             layer.driver.size,
             max(512, layer.driver.cluster_size),
             cache_bytes,

@@ -17,9 +17,18 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from vdisk.formats.base import Driver
+
+
+class Below(Protocol):
+    """What the cache reads from: the image's layer with its backing chain."""
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def read_clusters(self, first: int, count: int, cs: int) -> list[bytes]: ...
+
 
 #: Read-ahead starts at this many bytes once reads look sequential and doubles up to the max.
 READAHEAD_MIN = 256 * 1024
@@ -29,14 +38,16 @@ READAHEAD_MAX = 4 * 1024 * 1024
 class ClusterCache:
     """Whole clusters of one disk, keyed by cluster index.
 
-    ``load(offset, length)`` reads guest bytes from below (the layer with its backing
-    chain); ``driver`` is where dirty clusters are written back. ``capacity`` is in bytes;
-    0 disables caching (writes go straight through, with copy-up where needed)."""
+    ``below`` is the layer with its backing chain, where misses are read from; ``driver``
+    is where dirty clusters are written back. ``capacity`` is in bytes; 0 disables caching
+    (writes go straight through, with copy-up where needed). Clean clusters are kept as
+    the immutable buffers the driver decoded (no copy); a cluster becomes a bytearray
+    only when a partial write patches it."""
 
     def __init__(
         self,
         driver: Driver,
-        load: Callable[[int, int], bytes],
+        below: Below,
         size: int,
         cluster_size: int,
         capacity: int,
@@ -44,12 +55,13 @@ class ClusterCache:
         copy_up: bool,
     ) -> None:
         self.driver = driver
-        self.load = load
+        self.below = below
+        self.load = below.read
         self.size = size
         self.cs = cluster_size
         self.capacity = capacity
         self.copy_up = copy_up
-        self.entries: OrderedDict[int, bytearray] = OrderedDict()
+        self.entries: OrderedDict[int, bytes | bytearray] = OrderedDict()
         self.dirty: set[int] = set()
         self.used = 0
         self._next_seq = -1  # guest offset where a sequential reader would read next
@@ -70,7 +82,7 @@ class ClusterCache:
         """Length of cluster ``idx`` (the last one may be short)."""
         return min(self.cs, self.size - idx * self.cs)
 
-    def _insert(self, idx: int, data: bytearray, dirty: bool) -> None:
+    def _insert(self, idx: int, data: bytes | bytearray, dirty: bool) -> None:
         old = self.entries.pop(idx, None)
         if old is not None:
             self.used -= len(old)
@@ -101,14 +113,11 @@ class ClusterCache:
         self.counters["writebacks"] += len(writes)
         self.counters["bytes_written_back"] += sum(len(d) for _, d in writes)
 
-    def _fetch(self, first: int, count: int) -> list[bytearray]:
+    def _fetch(self, first: int, count: int) -> list[bytes]:
         """Load clusters [first, first+count) from below in one call."""
-        start = first * self.cs
-        end = min((first + count) * self.cs, self.size)
-        data = self.load(start, end - start)
-        self.counters["bytes_loaded"] += len(data)
-        mv = memoryview(data)
-        return [bytearray(mv[i : i + self.cs]) for i in range(0, len(data), self.cs)]
+        clusters = self.below.read_clusters(first, count, self.cs)
+        self.counters["bytes_loaded"] += sum(len(c) for c in clusters)
+        return clusters
 
     # -- the operations --------------------------------------------------------------
 
@@ -124,7 +133,7 @@ class ClusterCache:
             self._readahead = min(max(self._readahead * 2, READAHEAD_MIN), READAHEAD_MAX)
         else:
             self._readahead = 0
-        out = bytearray()
+        pieces: list[bytes | memoryview] = []
         idx = first
         while idx <= last:
             cl = self.entries.get(idx)
@@ -133,7 +142,7 @@ class ClusterCache:
                 self.counters["hits"] += 1
                 lo = offset - idx * cs if idx == first else 0
                 hi = offset + length - idx * cs if idx == last else len(cl)
-                out += memoryview(cl)[lo:hi]
+                pieces.append(memoryview(cl)[lo:hi] if lo or hi != len(cl) else cl)
                 idx += 1
                 continue
             # a run of misses: fetch it (plus read-ahead past the end of the request) at once
@@ -158,12 +167,13 @@ class ClusterCache:
                 if j <= last:
                     lo = offset - j * cs if j == first else 0
                     hi = offset + length - j * cs if j == last else len(cl)
-                    out += memoryview(cl)[lo:hi]
+                    pieces.append(memoryview(cl)[lo:hi] if lo or hi != len(cl) else cl)
                 if fits:
                     self._insert(j, cl, False)
             idx = run_end
+        out = pieces[0] if len(pieces) == 1 and isinstance(pieces[0], bytes) else b"".join(pieces)
         self._evict()
-        return bytes(out)
+        return out
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         cs = self.cs
@@ -179,15 +189,18 @@ class ClusterCache:
             n = min(clen - within, len(mv) - pos)
             piece = mv[pos : pos + n]
             if n == clen:
-                self._insert(idx, bytearray(piece), True)
+                self._insert(idx, bytes(piece), True)
             else:
                 cl = self.entries.get(idx)
                 if cl is None:
                     self.counters["misses"] += 1
-                    cl = self._fetch(idx, 1)[0]
+                    cl = bytearray(self._fetch(idx, 1)[0])
                     self._insert(idx, cl, True)
                 else:
                     self.counters["hits"] += 1
+                    if not isinstance(cl, bytearray):
+                        cl = bytearray(cl)
+                        self.entries[idx] = cl
                     self.entries.move_to_end(idx)
                     self.dirty.add(idx)
                 cl[within : within + n] = piece
@@ -211,7 +224,7 @@ class ClusterCache:
             if n == clen:
                 writes.append((off, bytes(mv[pos : pos + n])))
             else:
-                cl = self._fetch(idx, 1)[0]
+                cl = bytearray(self._fetch(idx, 1)[0])
                 cl[within : within + n] = mv[pos : pos + n]
                 writes.append((idx * cs, bytes(cl)))
             pos += n

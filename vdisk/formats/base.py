@@ -184,6 +184,15 @@ class Driver(ABC):
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of this layer; HOLE ranges read as zeros."""
 
+    def read_clusters(self, first: int, count: int) -> list[bytes]:
+        """Whole clusters [first, first+count) of this layer as separate buffers (the last
+        one of the disk may be short). The cache calls this on a miss; drivers that
+        decode per cluster override it to hand their buffers over without joining them."""
+        cs = self.cluster_size
+        start = first * cs
+        data = self.read(start, min(count * cs, self.size - start))
+        return [data[i : i + cs] for i in range(0, len(data), cs)]
+
     def write(self, offset: int, data: bytes) -> None:
         raise ReadOnlyImage(f"{self.storage.path}: {self.name} images are read-only in vdisk")
 

@@ -13,7 +13,6 @@ this file (the driver: allocation, mapping, commit, snapshots, check).
 
 from __future__ import annotations
 
-import bisect
 import struct
 import time
 import uuid as uuidlib
@@ -68,6 +67,7 @@ from vdisk.formats.native_layout import (
     Header,
     Snapshot,
     depth_for,
+    Runs,
     first_data_slot,
     header_generation,
     pack_runs,
@@ -215,9 +215,8 @@ class NativeDriver(Driver):
         )  # fmt: skip
         self.txn_new: set[int] = set()  # slots allocated since the last commit
         self.deferred: list[int] = []  # slots released in this transaction (freed next commit)
-        self.prev_deferred: list[tuple[int, int]] = []  # runs of the last commit's list
-        self.quarantine: list[tuple[int, int]] = []  # freed by this commit: reuse after it
-        self._qstarts: list[int] = []
+        self.prev_deferred = Runs()  # the last commit's deferred-free list
+        self.quarantine = Runs()  # freed by the commit in progress: reuse after it
         self.free_hint = self.first_slot
         self.snapshots: list[Snapshot] = []
         self.snaps_dirty = False
@@ -291,20 +290,22 @@ class NativeDriver(Driver):
         s = e.host >> self.cluster_bits
         return list(range(s, s + self._blob_slots(e.length)))
 
-    def _load_deferred(self) -> list[tuple[int, int]]:
+    def _load_deferred(self) -> Runs:
         blob = self._read_blob(self.hdr.deferred, "deferred-free list")
         if len(blob) != self.hdr.deferred_runs * RUN.size:
             raise CorruptImage(
                 f"{self.storage.path}: deferred-free list is {len(blob)} bytes, "
                 f"expected {self.hdr.deferred_runs} runs of {RUN.size}"
             )
-        runs = [RUN.unpack_from(blob, i) for i in range(0, len(blob), RUN.size)]
+        runs = Runs.from_blob(blob)
+        end = self.first_slot
         for first, n in runs:
-            if n < 1 or first < self.first_slot or first + n > self.host_slots:
+            if n < 1 or first < end or first + n > self.host_slots:
                 raise CorruptImage(
-                    f"{self.storage.path}: deferred-free run ({first}, {n}) outside "
-                    f"[{self.first_slot}, {self.host_slots})"
+                    f"{self.storage.path}: deferred-free run ({first}, {n}) is not sorted, "
+                    f"overlaps, or lies outside [{self.first_slot}, {self.host_slots})"
                 )
+            end = first + n
         return runs
 
     def _load_snapshots(self) -> list[Snapshot]:
@@ -336,12 +337,7 @@ class NativeDriver(Driver):
 
     def _in_quarantine(self, slot: int) -> int | None:
         """End of the quarantined run holding ``slot``, or None."""
-        i = bisect.bisect_right(self._qstarts, slot) - 1
-        if i >= 0:
-            first, n = self.quarantine[i]
-            if slot < first + n:
-                return first + n
-        return None
+        return self.quarantine.end_of_run(slot)
 
     def _find_free(self) -> int | None:
         s = max(self.free_hint, self.first_slot)
@@ -802,8 +798,7 @@ class NativeDriver(Driver):
                     )
                 self._rc_set(s, rc - 1)
         self.quarantine = self.prev_deferred
-        self._qstarts = [f for f, _n in self.quarantine]
-        self.prev_deferred = []
+        self.prev_deferred = Runs()
         # 2. mapping tables, bottom-up; all-empty and all-zero tables collapse into one entry
         t = self.map
         for level, key in t.dirty_by_level():
@@ -878,13 +873,12 @@ class NativeDriver(Driver):
         self.storage.sync()
         # 6. the new state is durable
         self.generation = gen
-        self.prev_deferred = runs
+        self.prev_deferred = Runs.from_pairs(runs)
         self.deferred = []
         self.txn_new.clear()
-        if self.quarantine:
-            self.free_hint = min(self.free_hint, self.quarantine[0][0])
-        self.quarantine = []
-        self._qstarts = []
+        if len(self.quarantine):
+            self.free_hint = min(self.free_hint, int(self.quarantine.starts[0]))
+        self.quarantine = Runs()
         self.changed = False
         self.counters["commits"] += 1
 
@@ -1084,7 +1078,7 @@ class NativeDriver(Driver):
             "metadata_cache": self.node_cache.stats(),
             **self.counters,
             "dirty_tables": len(self.map.dirty) + len(self.rtree.dirty),
-            "pending_free_slots": len(self.deferred) + sum(n for _f, n in self.prev_deferred),
+            "pending_free_slots": len(self.deferred) + self.prev_deferred.total(),
             "host_slots": self.host_slots,
             "generation": self.generation,
         }
