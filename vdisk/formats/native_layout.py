@@ -7,7 +7,11 @@ slot holds one stored cluster, one table, or a part of a blob.
 
 from __future__ import annotations
 
+import bisect
 import struct
+import sys
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from vdisk.cache import codec
@@ -371,6 +375,43 @@ def parse_snapshots(blob: bytes, count: int, what: str) -> list[Snapshot]:
     if pos != len(blob):
         raise CorruptImage(f"{what}: {len(blob) - pos} stray bytes after {count} snapshots")
     return out
+
+
+class Runs:
+    """Sorted, disjoint runs of slots in two flat arrays: 16 bytes per run, whatever the
+    count (a deferred-free list may hold millions of runs)."""
+
+    def __init__(self, starts: array | None = None, counts: array | None = None) -> None:
+        self.starts = starts if starts is not None else array("Q")
+        self.counts = counts if counts is not None else array("Q")
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[int, int]]) -> Runs:
+        return cls(array("Q", [f for f, _n in pairs]), array("Q", [n for _f, n in pairs]))
+
+    @classmethod
+    def from_blob(cls, blob: bytes) -> Runs:
+        flat = array("Q")
+        flat.frombytes(blob)
+        if sys.byteorder != "little":
+            flat.byteswap()
+        return cls(flat[0::2], flat[1::2])
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return zip(self.starts, self.counts)
+
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def end_of_run(self, slot: int) -> int | None:
+        """The end of the run holding ``slot``, or None if no run holds it."""
+        i = bisect.bisect_right(self.starts, slot) - 1
+        if i >= 0 and slot < self.starts[i] + self.counts[i]:
+            return int(self.starts[i] + self.counts[i])
+        return None
 
 
 def pack_runs(slots: list[int]) -> list[tuple[int, int]]:
