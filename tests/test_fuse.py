@@ -519,21 +519,24 @@ def test_kill_9_keeps_every_fsynced_file(tmp_path: Path, mounts: Mounts, fmt: st
     mnt, inner = tmp_path / "mnt", tmp_path / "inner"
     mounts.mount(img, mnt)
     run(["mkfs.ext4", "-q", "-F", str(mnt / "disk")])
-    dev = mounts.loop(mnt / "disk")
-    mounts.mount_fs(dev, inner)
+    mounts.umount(mnt)
+    loops_before = run(["losetup", "-l", "-n"]).stdout
+    mounts.mount(img, mnt, "--fs")
+    inside = mnt / "fs"
     synced = {f"s{i}": os.urandom(70_000 * (i + 1)) for i in range(5)}
     for name, data in synced.items():
-        with open(inner / name, "wb") as f:
+        with open(inside / name, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-    run(["sync", "-f", str(inner)])  # the directory entries and the journal commit
-    (inner / "unsynced").write_bytes(os.urandom(500_000))
+    run(["sync", "-f", str(inside)])  # the directory entries and the journal commit
+    (inside / "unsynced").write_bytes(os.urandom(500_000))
     os.kill(mounts.pid_of(mnt), signal.SIGKILL)
     time.sleep(0.2)
-    mounts.cleanup()  # lazy unmounts, loop detach, fusermount3 -u -z
-    mounts.plain.clear()
-    mounts.loops.clear()
+    # vdisk umount undoes the steps of the dead process: guest fs, loop device, FUSE
+    run([*VDISK, "umount", str(mnt)])
+    assert _mounted(inside) is None and _mounted(mnt) is None
+    assert run(["losetup", "-l", "-n"]).stdout == loops_before
     # the image opens and checks clean, and the guest fs has every fsynced file
     with api.open(str(img)) as d:
         assert d.check().exit_code in (0, 3)  # leaks are allowed after a crash
