@@ -455,3 +455,17 @@ def test_refcount_too_low_is_corruption() -> None:
     d.flush()
     rep = d.check()
     assert rep.exit_code == 2 and any("refcount 0 but 1 references" in c for c in rep.corruptions)
+
+
+@pytest.mark.parametrize("runs", [[(5, 2), (4, 3)], [(4, 3), (5, 1)], [(4, 0)], [(1, 1)]])
+def test_hostile_deferred_list(runs: list[tuple[int, int]]) -> None:
+    buf = _image()
+    d = _open(MemoryStorage("x", bytes(buf)))
+    cs = d.cluster_size
+    blob = b"".join(L.RUN.pack(f, n) for f, n in runs)
+    host = d.host_slots * cs
+    out = bytearray(buf) + bytes(max(0, host - len(buf))) + blob + bytes(cs - len(blob))
+    entry = L.Entry(host, len(blob), 0, 0, L.codec.checksum(blob), 0)
+    st = _with_header(out, deferred=entry, deferred_runs=len(runs), host_slots=d.host_slots + 1)
+    with pytest.raises(CorruptImage, match="deferred-free run"):
+        _open(st)
