@@ -119,9 +119,17 @@ def stop_weed(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def run_workload(path: str, data: bytes, ops: int, *, create: bool, cache_dir: str) -> dict:
-    """Figures of one pass over ``path``: writes only when ``create``."""
+def run_workload(
+    path: str, data: bytes, ops: int, *, create: bool, cache_dir: str, cold: bool = False
+) -> dict:
+    """Figures of one pass over ``path``: writes only when ``create``; with ``cold``, every
+    read phase starts with an empty cache directory."""
     os.environ["VDISK_S3_CACHE_DIR"] = cache_dir
+
+    def maybe_cold() -> None:
+        if cold:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+
     size = len(data)
     r: dict[str, float] = {}
     rnd = random.Random(1)
@@ -134,17 +142,20 @@ def run_workload(path: str, data: bytes, ops: int, *, create: bool, cache_dir: s
                 d.write(off, data[off : off + MiB])
             d.flush()
             r["seq_write_MBps"] = size / MiB / (time.perf_counter() - t)
+    maybe_cold()
     with api.open(path, readonly=True, cache_mb=16) as d:
         t = time.perf_counter()
         for off in range(0, size, MiB):
             d.read(off, MiB)
         r["seq_read_MBps"] = size / MiB / (time.perf_counter() - t)
+    maybe_cold()
     with api.open(path, readonly=True, cache_mb=16) as d:
         t = time.perf_counter()
         for off in offsets:
             d.read(off, 4096)
         r["rand_read_4k_iops"] = ops / (time.perf_counter() - t)
     if create:
+        maybe_cold()
         with api.open(path, commit_interval=None, cache_mb=16) as d:
             block = os.urandom(4096)
             t = time.perf_counter()
@@ -203,17 +214,15 @@ def main() -> None:
             "local .vdisk": run_workload(
                 os.path.join(tmp, "local.vdisk"), data, a.ops, create=True, cache_dir=cache
             ),
+            # cold: each phase starts with an empty cache directory
             "s3, cold cache": run_workload(
-                f"{bucket}/img", data, a.ops, create=True, cache_dir=os.path.join(tmp, "c1")
+                f"{bucket}/img", data, a.ops, create=True, cache_dir=f"{tmp}/c1", cold=True
             ),
         }
-        shutil.rmtree(os.path.join(tmp, "c1"), ignore_errors=True)
-        # cold: an empty cache directory; warm: the same directory again
-        rows["s3 read, cold cache"] = run_workload(
-            f"{bucket}/img", data, a.ops, create=False, cache_dir=os.path.join(tmp, "c2")
-        )
-        rows["s3 read, warm cache"] = run_workload(
-            f"{bucket}/img", data, a.ops, create=False, cache_dir=os.path.join(tmp, "c2")
+        # warm: the cache directory of the previous pass, filled by one sequential read
+        run_workload(f"{bucket}/img", data, 1, create=False, cache_dir=f"{tmp}/c2")
+        rows["s3, warm cache"] = run_workload(
+            f"{bucket}/img", data, a.ops, create=False, cache_dir=f"{tmp}/c2"
         )
         anchor = rows["local .vdisk"]
         print(f"size {size >> 20} MiB, {a.ops} random ops; ratio = figure / local .vdisk")
@@ -221,7 +230,7 @@ def main() -> None:
         for name, r in rows.items():
             for k, v in r.items():
                 print(f"{name:24} {k:20} {v:10.1f} {v / anchor[k]:7.2f}")
-        d = dedup(bucket, data[: min(size, 64 * MiB)])
+        d = dedup(f"s3://dedup-{uuid.uuid4().hex[:8]}", data[: min(size, 64 * MiB)])
         print("dedup (64 MiB base, ten clones writing 1 MiB each):")
         for k, v in d.items():
             print(f"  {k:28} {v:,.2f}" if isinstance(v, float) else f"  {k:28} {v:,}")
