@@ -608,3 +608,22 @@ def test_resize(tmp_path, qemu_img, sub, force):
         ref = str(tmp_path / "ref.raw")
         _put(ref, model)
         qemu_img("compare", "-f", "vpc", "-F", "raw", img, ref)
+
+
+def test_fixed_vhd_is_probed_by_its_footer(tmp_path):
+    """A fixed VHD has its only footer at the end; vdisk probes the tail too."""
+    import subprocess
+
+    import vdisk
+
+    p = str(tmp_path / "f.vhd")
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=fixed", p, "8M"], check=True
+    )
+    with vdisk.open(p, readonly=True) as d:
+        assert d.format == "vhd"
+    # a raw disk with the cookie but no valid checksum in its last sector stays raw
+    r = tmp_path / "r.img"
+    r.write_bytes(bytes(4096 - 512) + b"conectix" + bytes(504))
+    with vdisk.open(str(r), readonly=True) as d:
+        assert d.format == "raw"

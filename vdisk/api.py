@@ -89,7 +89,9 @@ def format_size(n: int) -> str:
 
 def _probe_format(storage: Storage) -> type[Driver]:
     head = storage.pread(0, PROBE_BYTES)
-    return formats.probe(head, storage.size(), storage.path)
+    size = storage.size()
+    tail = storage.pread(size - 512, 512) if size >= 1024 else b""
+    return formats.probe(head, size, storage.path, tail)
 
 
 def _is_url(path: str) -> bool:

@@ -44,11 +44,12 @@ def get(name: str) -> type[Driver]:
     raise UsageError(f"unknown format {name!r} (known: {known})")
 
 
-def probe(head: bytes, size: int, path: str) -> type[Driver]:
-    """The driver most sure of ``head``; raw only when nothing else claims it."""
+def probe(head: bytes, size: int, path: str, tail: bytes = b"") -> type[Driver]:
+    """The driver most sure of ``head`` (or, for footer-only formats, of ``tail``); raw
+    only when nothing else claims it."""
     best: tuple[int, type[Driver]] | None = None
     for d in drivers():
-        score = d.probe(head, size)
+        score = max(d.probe(head, size), d.probe_tail(tail, size) if tail else 0)
         if score > 0 and (best is None or score > best[0]):
             best = (score, d)
     if best is None:

@@ -163,6 +163,12 @@ class Driver(ABC):
         is smaller) starts an image of its format: 0 not at all, 100 certain."""
 
     @classmethod
+    def probe_tail(cls, tail: bytes, size: int) -> int:
+        """Like ``probe``, for formats whose only signature is at the end of the file
+        (a fixed VHD's footer): ``tail`` is the last 512 bytes."""
+        return 0
+
+    @classmethod
     @abstractmethod
     def open(cls, storage: Storage, *, readonly: bool, options: dict[str, Any]) -> Driver:
         """Validate the headers (before trusting any of them) and return an open layer.

@@ -297,6 +297,16 @@ class VhdDriver(Driver):
         return 0
 
     @classmethod
+    def probe_tail(cls, tail: bytes, size: int) -> int:
+        # a fixed disk: the footer is the last sector; its checksum must hold too, so a raw
+        # disk that merely contains the word "conectix" there is not taken for a VHD
+        if len(tail) == FOOTER_SIZE and tail[:8] == COOKIE:
+            stored = int.from_bytes(tail[FOOTER_CSUM_AT : FOOTER_CSUM_AT + 4], "big")
+            if stored == checksum(tail, FOOTER_CSUM_AT):
+                return 90
+        return 0
+
+    @classmethod
     def open(cls, storage: Storage, *, readonly: bool, options: dict[str, Any]) -> VhdDriver:
         reject_unknown_options(cls.name, options, ("size_calc",))
         calc = options.get("size_calc")
