@@ -509,6 +509,10 @@ def test_snapshot_files_hold_the_snapshots_content(
     assert (mnt / "disk").read_bytes() == bytes(new)
     assert _open_errno(mnt / "snapshots" / "before", os.O_RDWR) in (errno.EROFS, errno.EACCES)
     mounts.umount(mnt)
+    # a --snapshot mount shows the image's snapshots too
+    mounts.mount(img, mnt, "--snapshot")
+    assert (mnt / "snapshots" / "before").read_bytes() == bytes(old)
+    mounts.umount(mnt)
 
 
 @pytestmark_root

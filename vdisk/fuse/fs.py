@@ -126,9 +126,13 @@ class DiskFS(pyfuse3.Operations):
         readonly: bool,
         fs_dir: bool = False,
         threads: int = THREADS,
+        snapshots_of: Disk | None = None,
     ) -> None:
+        """``snapshots_of`` is the Disk whose internal snapshots to show, when it is not
+        ``disk`` itself (a --snapshot mount shows those of the image below its overlay)."""
         super().__init__()
         self.disk = disk
+        self.snap_disk = snapshots_of or disk
         self.image = image
         self.readonly = readonly
         self._stats_len = 0
@@ -187,7 +191,7 @@ class DiskFS(pyfuse3.Operations):
 
     def _list_snapshots(self) -> list[Any]:
         try:
-            return list(self.disk.snapshots.list())
+            return list(self.snap_disk.snapshots.list())
         except VdiskError as e:  # UnsupportedFeature and friends: no snapshots to show
             log.debug("no snapshots: %s", e)
             return []
@@ -357,7 +361,7 @@ class DiskFS(pyfuse3.Operations):
         elif node.kind == "snap" and node.disk is None:
             assert node.snapshot is not None
             view = await self._call(
-                self.disk, 0, 1 << 30, False, self.disk.snapshots.open, node.snapshot
+                self.snap_disk, 0, 1 << 30, False, self.snap_disk.snapshots.open, node.snapshot
             )
             if node.disk is None:
                 node.disk = view

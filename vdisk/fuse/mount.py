@@ -252,6 +252,12 @@ def serve(opts: MountOptions, ready: Ready) -> None:
     with contextlib.ExitStack() as stack:
         disk = open_disk(opts)
         stack.callback(disk.close)
+        snap_disk = None
+        if opts.snapshot:  # the overlay has no snapshots; show those of the image below
+            snap_disk = api.open(
+                opts.image, format=opts.format, readonly=True, cache_mb=opts.cache_mb / 4
+            )
+            stack.callback(snap_disk.close)
         partitions = scan(disk.read, disk.size, opts.image)
         target = resolve_fs_target(opts.fs, partitions, opts.image) if opts.fs else None
         fs = DiskFS(
@@ -261,6 +267,7 @@ def serve(opts: MountOptions, ready: Ready) -> None:
             readonly=opts.readonly,
             fs_dir=opts.fs is not None and opts.fs_dir is None,
             threads=opts.threads,
+            snapshots_of=snap_disk,
         )
         stack.callback(fs.close)
         options = set(pyfuse3.default_options)
