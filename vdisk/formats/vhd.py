@@ -292,8 +292,8 @@ class VhdDriver(Driver):
         # the same limit): open those with format "vhd"/"vpc".
         if head[:8] == COOKIE:
             return 100
-        if len(head) == size >= FOOTER_SIZE and head[-FOOTER_SIZE:][:8] == COOKIE:
-            return 100  # a fixed disk small enough for its footer to be in the probe
+        if len(head) == size >= FOOTER_SIZE:  # a fixed disk small enough to be all in the probe
+            return cls.probe_tail(head[-FOOTER_SIZE:], size)
         return 0
 
     @classmethod
