@@ -203,9 +203,9 @@ class NativeDriver(Driver):
             else None
         )
         fan_bits = self.cluster_bits - ENTRY_BITS
-        self.node_cache: LRU[tuple[int, int], bytes] = (
-            view_of.node_cache if view_of is not None else LRU(max(self.cache_bytes, 1))
-        )
+        # a snapshot view gets its own cache: the generic layer may read it from another
+        # thread while the live image is written, and the LRU is not thread-safe
+        self.node_cache: LRU[tuple[int, int], bytes] = LRU(max(self.cache_bytes, 1))
         self.map = Tree(
             self, "mapping", hdr.depth, hdr.root, fan_bits, self.node_cache, self._map_cow
         )
@@ -1021,7 +1021,11 @@ class NativeDriver(Driver):
         return NativeDriver(
             self.storage,
             readonly=True,
-            options={"commit_interval": 0, "workers": self.workers},
+            options={
+                "commit_interval": 0,
+                "workers": self.workers,
+                "metadata_cache_mb": self.cache_bytes / (1 << 20) / 4,
+            },
             header=h,
             view_of=self,
         )
