@@ -133,7 +133,7 @@ def open_disk(opts: MountOptions) -> api.Disk:
 def resolve_fs_target(choice: str, partitions: list[Partition], image: str) -> str:
     """--fs [PARTITION] -> the file name under DIR the loop device goes over."""
     names = [f"p{p.number}" for p in partitions]
-    if choice == "auto":
+    if choice in ("auto", ""):
         if not partitions:
             return "disk"
         if len(partitions) == 1:
@@ -259,7 +259,7 @@ def serve(opts: MountOptions, ready: Ready) -> None:
             )
             stack.callback(snap_disk.close)
         partitions = scan(disk.read, disk.size, opts.image)
-        target = resolve_fs_target(opts.fs, partitions, opts.image) if opts.fs else None
+        target = resolve_fs_target(opts.fs, partitions, opts.image) if opts.fs is not None else None
         fs = DiskFS(
             disk,
             partitions,
