@@ -467,3 +467,34 @@ def test_corrupted_objects_are_detected(s3env: str, tmp_path: Path) -> None:
         api.open(url)
     with api.open(url, readonly=True) as d:
         assert d.driver.number == n - 1
+
+
+def test_serve_a_remote_image_over_nbd(s3env: str, tmp_path: Path, qemu_img, qemu_io) -> None:
+    url = f"{s3env}/served"
+    raw = tmp_path / "ref.raw"
+    qemu_img("create", "-f", "raw", str(raw), "8M")
+    qemu_io("-f", "raw", "-c", "write -P 0x42 100k 3M", str(raw))
+    vdisk_cli("convert", str(raw), url)
+    port = _free_port()
+    pidfile = tmp_path / "serve.pid"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "vdisk", "serve", url, "-p", str(port), "--pid-file", str(pidfile)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=os.environ,
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not pidfile.exists() and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.1)
+        assert pidfile.exists(), p.communicate(timeout=5)
+        nbd = f"nbd://127.0.0.1:{port}"
+        qemu_img("compare", "-f", "raw", "-F", "raw", str(raw), nbd)
+        qemu_io("-f", "raw", "-c", "write -P 0x17 3M 200k", nbd)  # across clusters
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=30)
+    with api.open(url, readonly=True) as d:
+        assert d.read(3 << 20, 200 << 10) == b"\x17" * (200 << 10)
+        assert d.read(100 << 10, 1000) == b"\x42" * 1000

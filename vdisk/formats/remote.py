@@ -1,8 +1,8 @@
 """``vdisk-s3``: the native format's object-store layout, for images shared by many hosts.
 
 An image ``s3://BUCKET/NAME`` is a chain of numbered manifests; its clusters live in
-immutable, content-addressed packs shared by every image of the bucket. docs/format.md
-("Object-store layout") is the spec; in short, every key of the bucket is one of:
+immutable, content-addressed packs shared by every image of the bucket.
+docs/object-store.md is the spec; in short, every key of the bucket is one of:
 
 ``packs/<id>``
     A few MiB of stored clusters, back to back, each encoded by ``vdisk.cache.codec``
@@ -80,7 +80,7 @@ from vdisk.storage.s3 import LocalCache, S3Client, S3Storage, is_url, parse_url
 
 log = logging.getLogger("vdisk.remote")
 
-# -- structures (docs/format.md "Object-store layout") -----------------------------------
+# -- structures (docs/object-store.md) -----------------------------------
 
 FORMAT = "vdisk-s3"
 VERSION = 1
