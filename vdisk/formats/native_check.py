@@ -190,6 +190,8 @@ def check(drv: NativeDriver, *, repair: bool) -> CheckReport:
     stored = w.refcounts()
     fixes: dict[int, int] = {}
     cs = drv.cluster_size
+    found_leaks: list[str] = []
+    undercounts: list[str] = []
     for slot in sorted(set(stored) | set(w.refs)):
         have, want = stored.get(slot, 0), w.refs.get(slot, 0)
         if have == want:
@@ -199,9 +201,9 @@ def check(drv: NativeDriver, *, repair: bool) -> CheckReport:
             _add(rep.corruptions, f"{where}: in use past the end of the allocated area")
             continue
         if have > want:
-            _add(rep.leaks, f"{where}: refcount {have} but {want} references (leaked)")
+            _add(found_leaks, f"{where}: refcount {have} but {want} references (leaked)")
         else:
-            _add(rep.corruptions, f"{where}: refcount {have} but {want} references")
+            _add(undercounts, f"{where}: refcount {have} but {want} references")
         fixes[slot] = want
     rep.info = {
         "clusters": w.clusters,
@@ -209,21 +211,20 @@ def check(drv: NativeDriver, *, repair: bool) -> CheckReport:
         "tables": len(w.tables),
         "host_slots": drv.host_slots,
         "generation": drv.generation,
+        "refcount_fixes_needed": len(fixes),
     }
+    if repair and fixes and not w.table_errors:
+        for slot, want in fixes.items():
+            drv._rc_set(slot, want)
+            _add(rep.repaired, f"slot {slot} (host offset {slot * cs}): refcount set to {want}")
+        drv.changed = True
+        drv.flush()
+        return rep
+    rep.leaks.extend(found_leaks)
+    for msg in undercounts:
+        _add(rep.corruptions, msg)
     if repair and fixes:
-        if w.table_errors:
-            _add(rep.corruptions, f"{drv.storage.path}: unreadable tables; refcounts not repaired")
-        else:
-            for slot, want in fixes.items():
-                drv._rc_set(slot, want)
-                _add(rep.repaired, f"slot {slot}: refcount set to {want}")
-            drv.changed = True
-            drv.flush()
-            fixed = set(fixes)
-            rep.leaks = [m for m in rep.leaks if not any(f"slot {s} " in m for s in fixed)]
-            rep.corruptions = [
-                m for m in rep.corruptions if "references" not in m or "refcount" not in m
-            ]
+        _add(rep.corruptions, f"{drv.storage.path}: unreadable tables; refcounts not repaired")
     return rep
 
 
