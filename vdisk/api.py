@@ -126,10 +126,28 @@ def _open_driver(
         if not (readonly and force_share):
             st.lock(exclusive=not readonly)
         cls = _format_for(st, format)
+        if cls.name == "raw" and format is not None:
+            _warn_if_header(st)
         return cls.open(st, readonly=readonly, options=dict(options or {}))
     except BaseException:
         st.close()
         raise
+
+
+def _warn_if_header(st: Storage) -> None:
+    """A disk opened as raw (as asked or recorded) whose content starts like another
+    format's header is never reinterpreted, but the user hears about it: it is either a
+    guest that stores an image on its raw disk, or a wrong --format."""
+    try:
+        looks = _probe_format(st)
+    except VdiskError:
+        return
+    if looks.name != "raw":
+        log.warning(
+            "%s: opened as raw as requested, but its content looks like a %s image header",
+            st.path,
+            looks.name,
+        )
 
 
 class Layer:

@@ -85,6 +85,12 @@ def _take_endpoint(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> Any:
     """Entry point: run the command, map errors to one line and an exit code."""
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("vdisk: %(levelname)s: %(message)s"))
+    logging.getLogger("vdisk").addHandler(handler)
+    logging.getLogger("vdisk").setLevel(logging.WARNING)
     try:
         argv = _take_endpoint(list(sys.argv[1:] if argv is None else argv))
         return cli.main(args=argv, prog_name="vdisk", standalone_mode=False)
