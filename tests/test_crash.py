@@ -179,3 +179,20 @@ def test_simulated_crash_stops_the_writer() -> None:
         MemoryStorage("x", fs.crash_image(len(fs.log))), readonly=True, options={}
     )
     assert d2.read(0, 8192) in (b"a" * 8192, b"b" * 8192)
+
+
+def test_faulty_storage_policies() -> None:
+    fs = FaultyStorage()
+    fs.pwrite(0, b"aaaa")
+    fs.sync()
+    fs.pwrite(0, b"bb")
+    fs.pwrite(4, b"cccc")
+    n = len(fs.log)
+    assert fs.crash_image(n, unsynced="drop") == b"aaaa"
+    assert fs.crash_image(n, unsynced="keep") == b"bbaacccc"
+    torn = fs.crash_image(n, unsynced="keep", tear=True, rng=random.Random(1))
+    assert torn.startswith(b"bbaa") and 5 <= len(torn) < 8 and set(torn[4:]) == {ord("c")}
+    seen = {fs.crash_image(n, unsynced="reorder", rng=random.Random(i)) for i in range(40)}
+    assert {b"aaaa", b"bbaa", b"aaaacccc", b"bbaacccc"} <= seen
+    assert fs.crash_image(2, unsynced="keep") == b"aaaa"
+    assert fs.syncs() == [1]
