@@ -98,6 +98,7 @@ PAGE_MAGIC = b"VDS3PAGE"
 #: magic, version, codec, reserved, entry count, xxh3-64 of the stored payload
 PAGE_HEAD = struct.Struct("<8sBBHIQ")
 assert PAGE_HEAD.size == 24
+MAX_PAGE_OBJECT = PAGE_HEAD.size + PAGE_BYTES
 
 INDEX_MAGIC = b"VDS3INDX"
 #: magic, version, entry count, xxh3-64 of the entries
@@ -114,7 +115,8 @@ MAX_SNAPSHOTS = 4096
 MAX_PAGES = 1 << 20  # map pages per image: 64 TiB at 64 KiB clusters; keeps manifests < 64 MiB
 MAX_MANIFEST = 64 << 20
 MAX_INDEX_ENTRIES = 1 << 20  # per pack index object
-MAX_DEDUP_ENTRIES = 4 << 20  # bucket-wide dedup index held in memory; beyond it, dedup stops
+MAX_INDEX_OBJECT = INDEX_HEAD.size + MAX_INDEX_ENTRIES * INDEX_ENTRY.size
+MAX_DEDUP_ENTRIES = 1 << 19  # bucket-wide dedup index in memory (~128 MiB); beyond it, none
 DEFAULT_PACK_SIZE = 4 << 20
 DEFAULT_READAHEAD = 1 << 20
 MAX_INFLIGHT = 4  # packs uploading in the background at once (memory: 4 x pack_size)
@@ -184,7 +186,7 @@ def decode_manifest(data: bytes, where: str, number: int, name: str) -> dict[str
     codec.verify(body, want, f"{where}: manifest")
     try:
         m = json.loads(body)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise CorruptImage(f"{where}: manifest is not JSON: {e}") from None
     if not isinstance(m, dict):
         raise CorruptImage(f"{where}: manifest is not an object")
@@ -270,7 +272,7 @@ def list_manifests(client: S3Client, name: str, after: int = 0) -> list[int]:
 
 def load_manifest(client: S3Client, name: str, number: int) -> dict[str, Any]:
     key = manifest_key(name, number)
-    data = client.get(key)
+    data = client.get(key, limit=MAX_MANIFEST)
     if data is None:
         raise ImageNotFound(f"{client.where(key)}: manifest {number} does not exist")
     return decode_manifest(data, client.where(key), number, name)
@@ -411,6 +413,7 @@ class RemoteDriver(Driver):
         self.backing = BackingRef(b["path"], b.get("format")) if b else None
         self.uuid = m["uuid"]
         self.storage.identity = f"{FORMAT}\n{self.uuid}\n{self.number}\n".encode()
+        self.storage.measure = self._stored_bytes
 
     # -- discovery and creation ---------------------------------------------------
 
@@ -510,7 +513,7 @@ class RemoteDriver(Driver):
         if page is None and self.pages[pidx] is not None:
             pid, want = self.pages[pidx]  # type: ignore[misc]
             key = f"pages/{pid}"
-            data = self.client.get(key)
+            data = self.client.get(key, limit=MAX_PAGE_OBJECT)
             if data is None:
                 raise CorruptImage(
                     f"{self.storage.path}: map page {pidx} ({self.client.where(key)}) is missing"
@@ -677,7 +680,7 @@ class RemoteDriver(Driver):
         if got is not None:
             return got
         key = f"index/{pack.hex()}"
-        data = self.client.get(key)
+        data = self.client.get(key, limit=MAX_INDEX_OBJECT)
         if data is None:
             return None  # condemned by gc, or a pack of a crashed commit: no read-ahead
         try:
@@ -1102,7 +1105,7 @@ class RemoteDriver(Driver):
         for ref in pages:
             if ref is None:
                 continue
-            data = self.client.get(f"pages/{ref[0]}")
+            data = self.client.get(f"pages/{ref[0]}", limit=MAX_PAGE_OBJECT)
             if data is None:
                 raise CorruptImage(f"{self.storage.path}: map page pages/{ref[0]} is missing")
             page = decode_page(data, bytes.fromhex(ref[1]), f"pages/{ref[0]}")
@@ -1113,6 +1116,24 @@ class RemoteDriver(Driver):
                     clusters += 1
                     stored += e[2]
         return packs, clusters, stored
+
+    def _stored_bytes(self) -> int:
+        """Bytes stored for this version's clusters (shared ones counted once); 0 for
+        images of more than 4096 map pages, where this would load too much."""
+        if len(self.pages) > 4096:
+            return 0
+        seen: set[tuple[bytes, int]] = set()
+        total = 0
+        for pidx in range(len(self.pages)):
+            page = self._page(pidx)
+            if page is None:
+                continue
+            for i in range(PAGE_ENTRIES):
+                e = ENTRY.unpack_from(page, i * ENTRY.size)
+                if e[4] & FLAG_DATA and (e[0], e[1]) not in seen:
+                    seen.add((e[0], e[1]))
+                    total += e[2]
+        return total
 
     def info(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -1155,7 +1176,7 @@ class RemoteDriver(Driver):
                 if ref is None:
                     continue
                 try:
-                    data = self.client.get(f"pages/{ref[0]}")
+                    data = self.client.get(f"pages/{ref[0]}", limit=MAX_PAGE_OBJECT)
                     if data is None:
                         raise CorruptImage(f"map page pages/{ref[0]} is missing")
                     page = decode_page(data, bytes.fromhex(ref[1]), f"pages/{ref[0]}")
@@ -1274,7 +1295,7 @@ def gc(url: str, *, grace: float = 3600.0, dry_run: bool = False) -> GCReport:
     live_packs: set[str] = set()
     for ref in live_pages:
         pid, want = ref[:32], ref[32:]
-        data = client.get(f"pages/{pid}")
+        data = client.get(f"pages/{pid}", limit=MAX_PAGE_OBJECT)
         if data is None:
             raise CorruptImage(
                 f"{client.where('pages/' + pid)}: a live map page is missing; nothing deleted"

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from vdisk.cache import codec
-from vdisk.errors import ImageNotFound, StorageError, UsageError
+from vdisk.errors import CorruptImage, ImageNotFound, StorageError, UsageError
 from vdisk.storage import Storage
 
 SCHEME = "s3://"
@@ -64,6 +64,10 @@ _RETRY_CODES = {
 }
 
 T = TypeVar("T")
+
+
+class TooLarge(Exception):
+    """An object is larger than its kind may be (raised inside the retry loop, not retried)."""
 
 
 def is_url(path: str) -> bool:
@@ -189,6 +193,8 @@ class S3Client:
                 if code not in _RETRY_CODES and not (status >= 500 or status == 429):
                     raise StorageError(f"{self.where(key)}: {what} failed: {code} {e}") from None
                 last = f"{code or status}"
+            except TooLarge as e:
+                raise CorruptImage(str(e)) from None
             except BotoCoreError as e:  # connection refused, timeouts, incomplete reads
                 last = f"{type(e).__name__}: {e}"
             except OSError as e:
@@ -203,9 +209,17 @@ class S3Client:
 
     # -- operations ------------------------------------------------------------------
 
-    def get(self, key: str, start: int | None = None, length: int | None = None) -> bytes | None:
+    def get(
+        self,
+        key: str,
+        start: int | None = None,
+        length: int | None = None,
+        *,
+        limit: int = MAX_GET,
+    ) -> bytes | None:
         """The object's bytes (or ``length`` bytes from ``start``); None if it does not exist.
-        A short answer to a range GET is a StorageError: callers rely on exact lengths."""
+        An object larger than ``limit`` is refused before its body is read (memory bound);
+        a short answer to a range GET is a StorageError: callers rely on exact lengths."""
         if length is not None and length > MAX_GET:
             raise StorageError(f"{self.where(key)}: refusing a {length}-byte GET (limit {MAX_GET})")
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
@@ -223,8 +237,9 @@ class S3Client:
                     return None
                 raise
             size = r.get("ContentLength", 0)
-            if size > MAX_GET:
-                raise StorageError(f"{self.where(key)}: object of {size} bytes exceeds {MAX_GET}")
+            if size > limit:
+                r["Body"].close()
+                raise TooLarge(f"{self.where(key)}: object of {size} bytes exceeds {limit}")
             return r["Body"].read()
 
         data = self._call("GET", key, run)
@@ -340,7 +355,7 @@ class S3Storage(Storage):
         self.readonly = readonly
         self.create = create
         self.client = S3Client(self.bucket)
-        self.allocated = 0  # set by the driver: stored bytes the image references
+        self.measure: Callable[[], int] | None = None  # set by the driver: stored bytes
         self.identity = b""  # set by the driver: uuid and manifest number
 
     def _refuse(self) -> StorageError:
@@ -356,7 +371,8 @@ class S3Storage(Storage):
         return len(self.identity)
 
     def allocated_bytes(self) -> int:
-        return self.allocated
+        """Stored (compressed) bytes of the clusters the image references (for `info`)."""
+        return self.measure() if self.measure is not None else 0
 
     def truncate(self, size: int) -> None:
         raise self._refuse()
@@ -447,7 +463,12 @@ class LocalCache:
             _n, old = self._fds.popitem(last=False)
             os.close(old)
         if name not in self._files:
-            self._files[name] = 0
+            try:
+                size = os.fstat(fd).st_blocks * 512
+            except OSError:
+                size = 0
+            self._files[name] = size
+            self.used += size
         else:
             try:
                 os.utime(fd)  # LRU order survives a restart
@@ -460,7 +481,7 @@ class LocalCache:
             return None
         name = pack.hex()
         with self._lock:
-            fd = self._fd(name, False) if name in self._files else None
+            fd = self._fd(name, False)  # also finds files other processes filled
             if fd is None:
                 self.counters["misses"] += 1
                 return None
