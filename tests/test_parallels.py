@@ -342,3 +342,10 @@ def test_unclean_close_is_reported_and_repaired(small, qemu_img):
     finally:
         d.close()
     qemu_img("check", small)
+
+
+def test_power_loss():
+    """Power loss after every operation (see tests.test_vhdx.crash_walk)."""
+    from tests.test_vhdx import crash_walk
+
+    assert crash_walk(prl.ParallelsDriver, 3 * MiB, {"cluster_size": 256 * 1024}, 7) > 50

@@ -305,3 +305,27 @@ def test_mutated_headers_give_clear_errors(small):
             except VdiskError:
                 pass
             assert time.monotonic() - t < 5
+
+
+@pytest.mark.parametrize("differencing", [False, True])
+def test_power_loss(tmp_path, differencing):
+    """Power loss after every operation (see tests.test_vhdx.crash_walk)."""
+    from tests.test_vhdx import crash_walk
+
+    size = 3 * MiB
+    parent = None
+    if differencing:
+        pd = vdi.VdiDriver.open(_memory_vdi(size), readonly=False, options={})
+        pdata = pattern(0, size, seed=3)
+        pd.write(0, pdata)
+        parent = (pd, pdata)
+    opts = {"backing": "parent"} if differencing else {}
+    assert crash_walk(vdi.VdiDriver, size, {}, 7, parent=parent, open_opts=opts) > 50
+
+
+def _memory_vdi(size: int):
+    from vdisk.storage import MemoryStorage
+
+    st = MemoryStorage("parent")
+    vdi.VdiDriver.create(st, size, {})
+    return st

@@ -13,8 +13,8 @@ one image file of the bundle (its parent is looked up in the descriptor beside i
 XML is bounded in size and refused if it has a DOCTYPE or ENTITY (no entity expansion);
 image paths must stay inside the bundle; a snapshot chain that loops is an error.
 
-Writing: a new cluster is appended at the end of the file, then its BAT entry written
-(a crash in between leaks the cluster). The header's ``in_use`` field is set before the
+Writing: a new cluster is appended at the end of the file and synced, then its BAT entry
+written (a crash in between leaks the cluster; the entry never names unwritten space). The header's ``in_use`` field is set before the
 first write and cleared on close, as Parallels and QEMU do, so an unclean close is visible.
 """
 
@@ -394,6 +394,7 @@ class ParallelsDriver(Driver):
             )
         self.storage.truncate(host + cs)
         self.storage.pwrite(host + within, piece)
+        self.storage.sync()  # the cluster (and the file's new size) before the BAT names it
         self.bat.set(idx, host // self.unit)
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:

@@ -905,8 +905,18 @@ class VhdxDriver(Driver):
     def _set_entry(self, index: int, state: int, host: int) -> None:
         self.bat.set(index, (host // MiB) << OFFSET_SHIFT | state)
 
-    def _set_bits(self, block: int, within: int, n: int) -> None:
-        """Mark the sectors of [within, within+n) of ``block`` as present in this file."""
+    def _set_bits(self, block: int, within: int, n: int, *, synced: bool = False) -> None:
+        """Mark the sectors of [within, within+n) of ``block`` as present in this file.
+
+        The sectors' data must be durable before a bit says so (else a power loss could
+        show stale bytes instead of the parent's): unless the caller just synced, a sync
+        comes first whenever a bit changes."""
+        bm = self._bitmap(block)
+        first, last = within // self.lss, (within + n - 1) // self.lss
+        if all(bm[s >> 3] >> (s & 7) & 1 for s in range(first, last + 1)):
+            return
+        if not synced:
+            self.storage.sync()
         chunk, k = divmod(block, self.chunk_ratio)
         sbi = chunk * (self.chunk_ratio + 1) + self.chunk_ratio
         raw = self.bat.get(sbi)
@@ -916,8 +926,6 @@ class VhdxDriver(Driver):
             self._set_entry(sbi, SB_PRESENT, host)
         else:
             host = (raw >> OFFSET_SHIFT) * MiB
-        bm = self._bitmap(block)
-        first, last = within // self.lss, (within + n - 1) // self.lss
         for s in range(first, last + 1):
             bm[s >> 3] |= 1 << (s & 7)
         nbytes = self.spb // 8
@@ -951,7 +959,7 @@ class VhdxDriver(Driver):
         self.storage.pwrite(host + within, piece)
         self.storage.sync()  # the block and the file size are durable before the BAT says so
         if falls_through and not whole:
-            self._set_bits(blk, within, len(piece))
+            self._set_bits(blk, within, len(piece), synced=True)
             new_state = PARTIALLY_PRESENT
         else:
             new_state = FULLY_PRESENT
