@@ -174,7 +174,7 @@ def _looks_like_descriptor(head: bytes) -> bool:
 class ParallelsDriver(Driver):
     name = "parallels"
     aliases = ("hdd", "prl")
-    extensions = (".hdd", ".xml")
+    extensions = (".hdd", ".hds")
     can_create = True
 
     def __init__(self, storage: Storage, readonly: bool) -> None:
