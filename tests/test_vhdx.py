@@ -604,3 +604,21 @@ def test_power_loss(tmp_path, differencing):
         pd.write(0, pdata)
         parent = (pd, pdata)
     assert crash_walk(vhdx.VhdxDriver, size, {"cluster_size": MiB}, 7, parent=parent) > 50
+
+
+def test_unpinned_parent_loop(tmp_path):
+    """Two disks naming each other with null linkage GUIDs (nothing to verify): the chain
+    walk itself must stop with a clear error."""
+    from vdisk.formats.base import BackingRef
+
+    a, b = str(tmp_path / "a.vhdx"), str(tmp_path / "b.vhdx")
+    vdisk.create(a, 2 * MiB, format="vhdx", cluster_size=MiB)
+    vdisk.create(b, None, format="vhdx", backing="a.vhdx")
+    for path, other in ((a, "b.vhdx"), (b, "a.vhdx")):
+        d = _open(path, readonly=False)
+        try:
+            d.set_backing(BackingRef(other, "vhdx"), None)
+        finally:
+            d.close()
+    with pytest.raises(BackingMismatch, match="loop"):
+        vdisk.open(a, readonly=True)
