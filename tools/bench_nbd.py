@@ -27,6 +27,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MiB = 1 << 20
+LOG_DIR = "."
 
 WORKLOADS = [
     # name, fio rw, block size, queue depth, writes?
@@ -71,7 +73,7 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()}")
+            raise RuntimeError(f"server exited with {proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
                 s.recv(8)  # the server's greeting: it is accepting connections
@@ -83,13 +85,15 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
 
 @contextmanager
 def server(cmd: list[str], port: int) -> Iterator[str]:
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env()
-    )
+    log = open(os.path.join(LOG_DIR, f"server-{port}.log"), "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, text=True, env=env())
     try:
         wait_port(port, proc)
         yield f"nbd://127.0.0.1:{port}/"
+    except Exception as e:
+        raise RuntimeError(f"{e} (server log: {log.name})") from None
     finally:
+        log.close()
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -171,13 +175,36 @@ def measure(
             try:
                 res[name] = fio(url, rw, bs, qd, runtime)
             except Exception as e:
-                print(f"  {name}: {e}")
+                print(f"  {url} {name}: {str(e)[:300]}")
         if shutil.which("nbdcopy"):
             try:
                 res["nbdcopy -> null:"] = nbdcopy_null(url, size)
             except Exception as e:
                 print(f"  nbdcopy: {e}")
     return res
+
+
+def rounds(
+    configs: dict[str, Callable[[], Any]],
+    workloads: list[tuple],
+    runtime: float,
+    size: int,
+    n: int,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Measure every server ``n`` times, interleaved (the load of a shared machine drifts),
+    and keep the median of each figure."""
+    samples: dict[str, dict[str, list[dict[str, float]]]] = {lb: {} for lb in configs}
+    for _ in range(n):
+        for lb, start in configs.items():
+            for name, v in measure(start, workloads, runtime, size).items():
+                samples[lb].setdefault(name, []).append(v)
+    return {
+        lb: {
+            name: {k: statistics.median(v[k] for v in vs) for k in ("iops", "MBps")}
+            for name, vs in per.items()
+        }
+        for lb, per in samples.items()
+    }
 
 
 def table(title: str, rows: list[tuple[str, ...]]) -> None:
@@ -234,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--size", default="1G")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench-out"))
-    ap.add_argument("--runtime", type=float, default=5.0, help="seconds per fio workload")
+    ap.add_argument("--runtime", type=float, default=3.0, help="seconds per fio workload")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median kept)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--skip-compressed", action="store_true")
     a = ap.parse_args(argv)
@@ -251,22 +279,28 @@ def main(argv: list[str] | None = None) -> int:
     size = os.path.getsize(src)
     work = os.path.join(a.out, "nbd-work")
     os.makedirs(work, exist_ok=True)
+    global LOG_DIR
+    LOG_DIR = os.path.join(a.out, "nbd-logs")
+    shutil.rmtree(LOG_DIR, ignore_errors=True)
+    os.makedirs(LOG_DIR)
     results: dict[str, Any] = {}
     try:
         # -- raw content -----------------------------------------------------------------
-        ours: dict[str, dict[str, dict[str, float]]] = {}
         img = copy(src, os.path.join(work, "vdisk.raw"))
-        ours["vdisk"] = measure(
-            lambda: server(*vdisk_serve(img, "raw")), WORKLOADS, a.runtime, size
-        )
-        ours["vdisk cache 0"] = measure(
-            lambda: server(*vdisk_serve(img, "raw", "--cache-mb", "0")), WORKLOADS, a.runtime, size
-        )
         qimg = copy(src, os.path.join(work, "qemu.raw"))
-        anchor = measure(lambda: server(*qemu_nbd(qimg, "raw")), WORKLOADS, a.runtime, size)
+        got = rounds(
+            {
+                "vdisk": lambda: server(*vdisk_serve(img, "raw")),
+                "vdisk cache 0": lambda: server(*vdisk_serve(img, "raw", "--cache-mb", "0")),
+                "qemu-nbd": lambda: server(*qemu_nbd(qimg, "raw")),
+            },
+            WORKLOADS, a.runtime, size, a.rounds,
+        )  # fmt: skip
+        anchor = got.pop("qemu-nbd")
         results["raw"] = compare(
-            f"NBD, raw image of {size >> 20} MiB (fio nbd engine, {a.runtime:g} s each)",
-            ours, anchor, GOALS.get,
+            f"NBD, raw image of {size >> 20} MiB (fio nbd engine, {a.runtime:g} s each, "
+            f"median of {a.rounds} interleaved rounds)",
+            got, anchor, GOALS.get,
         )  # fmt: skip
 
         # -- compressed content ----------------------------------------------------------
@@ -284,19 +318,19 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(
                 ["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", src, qcow], check=True
             )
-            comp: dict[str, dict[str, dict[str, float]]] = {}
+            configs: dict[str, Callable[[], Any]] = {
+                "qemu-nbd": lambda: server(*qemu_nbd(qcow, "qcow2"))
+            }
             if made.returncode == 0:
-                comp["vdisk lz4"] = measure(
-                    lambda: server(*vdisk_serve(vimg, "vdisk")), reads, a.runtime, size
-                )
+                configs["vdisk lz4"] = lambda: server(*vdisk_serve(vimg, "vdisk"))
             else:
                 print(f"\n(no lz4 .vdisk: {made.stderr.strip()[-200:]})")
-                comp["vdisk lz4"] = {}
-            qres = measure(lambda: server(*qemu_nbd(qcow, "qcow2")), reads, a.runtime, size)
+            got = rounds(configs, reads, a.runtime, size, a.rounds)
+            qres = got.pop("qemu-nbd")
+            got.setdefault("vdisk lz4", {})
             results["compressed"] = compare(
-                "NBD, compressed: lz4 .vdisk vs zlib qcow2 (qemu-nbd)",
-                comp, qres, lambda n: 3.0,
-            )  # fmt: skip
+                "NBD, compressed: lz4 .vdisk vs zlib qcow2 (qemu-nbd)", got, qres, lambda n: 3.0
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if a.json:
