@@ -339,6 +339,7 @@ class RemoteDriver(Driver):
     extensions = ()
     can_create = True
     has_snapshots = True
+    remote = True
 
     storage: S3Storage
 
@@ -561,10 +562,10 @@ class RemoteDriver(Driver):
     def _clen(self, idx: int) -> int:
         return min(self.cluster_size, self.size - idx * self.cluster_size)
 
-    def read(self, offset: int, length: int) -> bytes:
-        spans = list(cluster_spans(offset, length, self.cluster_size))
+    def _decoded(self, first: int, last: int, offset: int, length: int) -> list[bytes]:
+        """Clusters [first, last] of this layer, decoded and verified (holes as zeros)."""
         want: dict[int, tuple[Loc, bytes]] = {}
-        for idx, _w, _n in spans:
+        for idx in range(first, last + 1):
             _flags, loc, key = self._parse(idx, self._entry(idx))
             if loc is not None:
                 want[idx] = (loc, key)
@@ -574,18 +575,40 @@ class RemoteDriver(Driver):
         self._sequential = offset == self._next_read
         self._next_read = offset + length
         stored = self._fetch(want)
-        out = bytearray()
-        for idx, within, n in spans:
+        out = []
+        for idx in range(first, last + 1):
             if idx not in want:
-                out += codec.zeros(n)
+                out.append(codec.zeros(self.cluster_size))
                 continue
             loc, key = want[idx]
             where = f"{self.storage.path}: cluster {idx} (pack {loc.pack.hex()} at {loc.offset})"
             raw = codec.decode(loc.codec, stored[idx], loc.cks, self.cluster_size, where)
             if content_key(raw) != key:
                 raise ChecksumMismatch(f"{where}: content does not match its xxh3-128 key")
-            out += memoryview(raw)[within : within + n]
+            out.append(raw)
+        return out
+
+    def read(self, offset: int, length: int) -> bytes:
+        cs = self.cluster_size
+        first, last = offset // cs, (offset + length - 1) // cs
+        clusters = self._decoded(first, last, offset, length)
+        if len(clusters) == 1:
+            within = offset - first * cs
+            return clusters[0][within : within + length]
+        out = bytearray()
+        for idx, within, n in cluster_spans(offset, length, cs):
+            out += memoryview(clusters[idx - first])[within : within + n]
         return bytes(out)
+
+    def read_clusters(self, first: int, count: int) -> list[bytes]:
+        """The decoded buffers themselves, for the cache (no join and split per miss)."""
+        cs = self.cluster_size
+        last = min(first + count, -(-self.size // cs)) - 1
+        out = self._decoded(first, last, first * cs, (last + 1 - first) * cs)
+        tail = self.size - last * cs
+        if out and tail < cs:
+            out[-1] = out[-1][:tail]
+        return out
 
     def _fetch(self, want: dict[int, tuple[Loc, bytes]]) -> dict[int, bytes]:
         """Stored bytes of the given clusters: spill file, local cache, then the store
