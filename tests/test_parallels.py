@@ -349,3 +349,38 @@ def test_power_loss():
     from tests.test_vhdx import crash_walk
 
     assert crash_walk(prl.ParallelsDriver, 3 * MiB, {"cluster_size": 256 * 1024}, 7) > 50
+
+
+@pytest.mark.parametrize("feature,flags", [(prl.EXT_DIRTY_BITMAP, 0), (0x1234, prl.EXT_NECESSARY)])
+def test_format_extension(small, qemu_img, feature, flags):
+    """A dirty bitmap extension is dropped on the first write (it would go stale); an
+    unknown NECESSARY feature forbids writing."""
+    import hashlib
+
+    cs = 64 * 1024
+    end = os.path.getsize(small)
+    ext = -(-end // cs) * cs
+    body = prl.EXT_FEATURE.pack(feature, flags, 32, 0) + bytes(32)
+    cluster = bytearray(cs)
+    cluster[24 : 24 + len(body)] = body
+    struct.pack_into("<Q", cluster, 0, prl.EXT_MAGIC)
+    cluster[8:24] = hashlib.md5(bytes(cluster[24:])).digest()
+    _patch(small, ext, bytes(cluster))
+    _patch(small, 56, struct.pack("<Q", ext // 512))
+    want = b"\x33" * MiB + bytes(3 * MiB)
+    with vdisk.open(small, readonly=True) as d:
+        assert d.read(0, d.size) == want
+    if flags & prl.EXT_NECESSARY:
+        with vdisk.open(small) as d, pytest.raises(UnsupportedFeature, match="NECESSARY"):
+            d.write(0, b"n" * 4096)
+            d.flush()
+        return
+    with vdisk.open(small) as d:
+        d.write(2 * MiB, b"n" * 4096)
+    d = _open(small)
+    try:
+        assert d.ext_off == 0
+        assert d.read(2 * MiB, 4096) == b"n" * 4096
+    finally:
+        d.close()
+    qemu_img("check", small)

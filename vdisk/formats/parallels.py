@@ -55,6 +55,13 @@ DEFAULT_CLUSTER = 1 << 20
 MAX_CLUSTER = 256 << 20
 MAX_DISK = 1 << 56
 
+# format extension cluster: magic, MD5; then features: magic, flags, data size, unused
+EXT_MAGIC = 0xAB234CEF23DCEA87
+EXT_FEATURE = struct.Struct("<QQII")
+assert EXT_FEATURE.size == 24
+EXT_DIRTY_BITMAP = 0x20385FAE252CB34A
+EXT_NECESSARY, EXT_TRANSIT = 1, 2
+
 DESCRIPTOR = "DiskDescriptor.xml"
 MAX_XML = 1 << 20
 MAX_SHOTS = 1024
@@ -305,6 +312,11 @@ class ParallelsDriver(Driver):
                 f"{where}: data offset {data} lies inside the BAT (which ends at {bat_end}) "
                 f"or past the end of the file ({fsize})"
             )
+        if self.ext_off and (self.ext_off * SECTOR < data or self.ext_off * SECTOR + cs > fsize):
+            raise CorruptImage(
+                f"{where}: format extension at {self.ext_off * SECTOR} is outside the data "
+                f"area ({data}..{fsize})"
+            )
         self.size = size
         self.cluster_size = cs
         self.data_offset = data
@@ -362,9 +374,36 @@ class ParallelsDriver(Driver):
 
     def _begin_write(self) -> None:
         if not self._dirty:
+            if self.ext_off:
+                self._drop_extensions()
             self.storage.pwrite(44, struct.pack("<I", IN_USE))
             self.storage.sync()
             self._dirty = True
+
+    def _drop_extensions(self) -> None:
+        """Before the first write: the format extension's dirty bitmaps would go stale, so
+        the extension is dropped (as the spec allows for extensions not marked NECESSARY);
+        an unknown NECESSARY one forbids writing, a TRANSIT one keeps it as it is."""
+        where = self.storage.path
+        ext = self.ext_off * SECTOR
+        raw = self.storage.pread_exact(ext, self.cluster_size, "Parallels format extension")
+        if struct.unpack_from("<Q", raw, 0)[0] != EXT_MAGIC:
+            raise CorruptImage(f"{where}: bad format extension magic at {ext}")
+        pos, keep = 24, False
+        while pos + EXT_FEATURE.size <= len(raw):
+            magic, flags, size, _u = EXT_FEATURE.unpack_from(raw, pos)
+            if magic == 0:
+                break
+            if flags & EXT_NECESSARY and magic != EXT_DIRTY_BITMAP:
+                raise UnsupportedFeature(
+                    f"{where}: format extension feature 0x{magic:016x} is NECESSARY and "
+                    "unknown: the image must not be changed"
+                )
+            keep |= bool(flags & EXT_TRANSIT)
+            pos += EXT_FEATURE.size + size + (-size % 8)
+        if not keep:
+            self.storage.pwrite(56, struct.pack("<Q", 0))
+            self.ext_off = 0
 
     def write(self, offset: int, data: bytes) -> None:
         self._begin_write()
