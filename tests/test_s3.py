@@ -498,3 +498,28 @@ def test_serve_a_remote_image_over_nbd(s3env: str, tmp_path: Path, qemu_img, qem
     with api.open(url, readonly=True) as d:
         assert d.read(3 << 20, 200 << 10) == b"\x17" * (200 << 10)
         assert d.read(100 << 10, 1000) == b"\x42" * 1000
+
+
+def test_hung_store_times_out_then_recovers(
+    s3env: str, weed: Weed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that accepts connections but does not answer (SIGSTOP): each request times
+    out, is retried with back-off, then a clear StorageError; after SIGCONT all is well."""
+    url = f"{s3env}/hung"
+    api.create(url, 1 << 20)
+    with api.open(url) as d:
+        d.write(0, pattern(0, 131072, seed=5))
+    monkeypatch.setenv("VDISK_S3_TIMEOUT", "1")
+    monkeypatch.setenv("VDISK_S3_RETRIES", "2")
+    monkeypatch.setenv("VDISK_S3_CACHE_DIR", str(tmp_path / "cold"))
+    assert weed.proc is not None
+    os.killpg(weed.proc.pid, signal.SIGSTOP)
+    try:
+        t = time.monotonic()
+        with pytest.raises(StorageError, match=r"failed after 2 attempts.*(Timeout|timed out)"):
+            api.open(url, readonly=True)
+        assert time.monotonic() - t < 20
+    finally:
+        os.killpg(weed.proc.pid, signal.SIGCONT)
+    with api.open(url, readonly=True) as d:
+        assert d.read(0, 131072) == pattern(0, 131072, seed=5)
