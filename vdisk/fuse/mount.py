@@ -12,11 +12,13 @@ Order of things (each step undone in reverse, also when a later one fails)::
         umount the inner fs, losetup -d, then end the FUSE loop
 
 The inner fs is unmounted while the FUSE loop still serves, because unmounting it writes
-through the loop device into this very process.
+through the loop device into this very process. A busy inner fs is not unmounted lazily
+(it would go on writing into a mount that is about to die): the mount stays and says so.
 
-`vdisk umount DIR` finds the mount's process in a small state file and sends it SIGTERM,
-so there is one teardown path; when that process is gone (kill -9) it undoes the steps
-itself: lazy unmount of the inner fs, losetup -d, fusermount3 -u.
+`vdisk umount DIR` finds the mount's process in a small state file, unmounts the inner fs
+itself (so "busy" is reported at once) and sends SIGTERM, so there is one teardown path;
+when that process is gone (kill -9) it undoes the steps itself: unmount of the inner fs,
+losetup -d, fusermount3 -u.
 """
 
 from __future__ import annotations
