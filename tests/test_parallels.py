@@ -384,3 +384,43 @@ def test_format_extension(small, qemu_img, feature, flags):
     finally:
         d.close()
     qemu_img("check", small)
+
+
+def test_overlays_make_a_bundle(tmp_path, qemu_img):
+    """vdisk.create with a backing image writes DiskDescriptor.xml (a new one, then adds to
+    it); commit, flatten and rebase rewrite the ParentGUID; the .hdd files stay qemu-clean."""
+    from vdisk import ops
+
+    base, mid, top = (str(tmp_path / n) for n in ("base.hdd", "mid.hdd", "top.hdd"))
+    size = 3 * MiB
+    vdisk.create(base, size, format="parallels")
+    model = bytearray(pattern(0, size, seed=1))
+    with vdisk.open(base) as d:
+        d.write(0, bytes(model))
+    vdisk.create(mid, None, format="parallels", backing="base.hdd")
+    vdisk.create(top, None, format="parallels", backing="mid.hdd")
+    desc = str(tmp_path / prl.DESCRIPTOR)
+    with vdisk.open(mid) as d:
+        d.write(MiB - 100, b"m" * 200)
+    model[MiB - 100 : MiB + 100] = b"m" * 200
+    with vdisk.open(desc) as d:  # the bundle's top is the newest overlay
+        assert [c["filename"] for c in d.info()["backing-chain"]] == [mid, base]
+        d.write(2 * MiB, b"t" * 4096)
+    model[2 * MiB : 2 * MiB + 4096] = b"t" * 4096
+    with vdisk.open(top, readonly=True) as d:
+        assert d.read(0, size) == bytes(model)
+    ops.commit(top)  # top's data into mid
+    with vdisk.open(mid, readonly=True) as d:
+        assert d.read(0, size) == bytes(model)
+    ops.rebase(top, None)  # flatten: top stands alone
+    with vdisk.open(top, readonly=True) as d:
+        assert d.backing is None and d.read(0, size) == bytes(model)
+    ops.rebase(top, base)
+    with vdisk.open(desc, readonly=True) as d:
+        assert [c["filename"] for c in d.info()["backing-chain"]] == [base]
+        assert d.read(0, size) == bytes(model)
+    for p in (base, mid, top):
+        qemu_img("check", p)
+    with pytest.raises(UnsupportedFeature, match="one directory"):
+        os.mkdir(tmp_path / "elsewhere")
+        vdisk.create(str(tmp_path / "elsewhere" / "x.hdd"), None, format="parallels", backing=base)

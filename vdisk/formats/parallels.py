@@ -13,8 +13,15 @@ one image file of the bundle (its parent is looked up in the descriptor beside i
 XML is bounded in size and refused if it has a DOCTYPE or ENTITY (no entity expansion);
 image paths must stay inside the bundle; a snapshot chain that loops is an error.
 
+Overlays: ``create`` with a backing image (a Parallels image in the same directory) writes
+the new image and records it in DiskDescriptor.xml as the top snapshot over its parent
+(a new descriptor if there is none); ``set_backing`` rewrites its ParentGUID. The
+descriptor is replaced atomically (temporary file, fsync, rename).
+
 Writing: a new cluster is appended at the end of the file and synced, then its BAT entry
-written (a crash in between leaks the cluster; the entry never names unwritten space). The header's ``in_use`` field is set before the
+written (a crash in between leaks the cluster; the entry never names unwritten space).
+A format extension (dirty bitmaps) would go stale, so it is dropped before the first write
+unless it holds an unknown NECESSARY feature (then writing is refused). The header's ``in_use`` field is set before the
 first write and cleared on close, as Parallels and QEMU do, so an unclean close is visible.
 """
 
@@ -23,6 +30,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+import uuid
 import xml.etree.ElementTree as ET
 from typing import Any
 
@@ -175,6 +183,72 @@ def _looks_like_descriptor(head: bytes) -> bool:
     return b"<Parallels_disk_image" in head[:4096]
 
 
+def _read_descriptor_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(MAX_XML + 1)
+    except OSError as e:
+        raise CorruptImage(f"{path}: cannot read: {e.strerror}") from None
+
+
+def _new_descriptor(sectors: int, cluster_sectors: int) -> ET.Element:
+    """An empty DiskDescriptor.xml tree (prl-xml.txt): geometry whose product is the size."""
+    heads, spt = (16, 32) if sectors % 512 == 0 else (1, 1)
+    root = ET.Element("Parallels_disk_image", Version="1.0")
+    params = ET.SubElement(root, "Disk_Parameters")
+    for tag, value in (
+        ("Disk_size", sectors),
+        ("Cylinders", sectors // (heads * spt)),
+        ("Heads", heads),
+        ("Sectors", spt),
+        ("Padding", 0),
+    ):
+        ET.SubElement(params, tag).text = str(value)
+    st = ET.SubElement(ET.SubElement(root, "StorageData"), "Storage")
+    for tag, value in (("Start", 0), ("End", sectors), ("Blocksize", cluster_sectors)):
+        ET.SubElement(st, tag).text = str(value)
+    ET.SubElement(root, "Snapshots")
+    return root
+
+
+def _add_image(root: ET.Element, guid: str, file: str, parent: str) -> None:
+    storage = root.find("StorageData/Storage")
+    snaps = root.find("Snapshots")
+    assert storage is not None and snaps is not None  # parse_descriptor checked both
+    im = ET.SubElement(storage, "Image")
+    ET.SubElement(im, "GUID").text = guid
+    ET.SubElement(im, "Type").text = "Compressed"
+    ET.SubElement(im, "File").text = file
+    shot = ET.SubElement(snaps, "Shot")
+    ET.SubElement(shot, "GUID").text = guid
+    ET.SubElement(shot, "ParentGUID").text = parent
+
+
+def _write_descriptor(path: str, root: ET.Element) -> None:
+    """Replace DiskDescriptor.xml atomically (temporary file, fsync, rename, fsync dir)."""
+    raw = ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    tmp = path + ".tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, raw)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        raise CorruptImage(f"{path}: cannot write the descriptor: {e.strerror}") from None
+
+
+def _new_guid() -> str:
+    return "{" + str(uuid.uuid4()) + "}"
+
+
 # -- the image -----------------------------------------------------------------------------------
 
 
@@ -236,21 +310,25 @@ class ParallelsDriver(Driver):
         d.descriptor = desc
         return d
 
-    def _parent_from_bundle(self) -> BackingRef | None:
-        """The parent of this image, if a DiskDescriptor.xml beside it lists one."""
+    def _bundle_path(self) -> str | None:
+        """DiskDescriptor.xml beside this image (or the one it was opened through)."""
+        if self.descriptor is not None:
+            return self.descriptor.path
         if not isinstance(self.storage, FileStorage):
             return None
-        here = os.path.dirname(os.path.abspath(self.storage.path))
-        path = os.path.join(here, DESCRIPTOR)
-        if not os.path.isfile(path):
+        return os.path.join(os.path.dirname(os.path.abspath(self.storage.path)), DESCRIPTOR)
+
+    def _my_name(self, desc: str) -> str:
+        here = os.path.dirname(os.path.abspath(desc))
+        return os.path.relpath(os.path.abspath(self.storage.path), here)
+
+    def _parent_from_bundle(self) -> BackingRef | None:
+        """The parent of this image, if a DiskDescriptor.xml beside it lists one."""
+        path = self._bundle_path()
+        if path is None or not os.path.isfile(path):
             return None
-        try:
-            with open(path, "rb") as f:
-                raw = f.read(MAX_XML + 1)
-        except OSError as e:
-            raise CorruptImage(f"{path}: cannot read: {e.strerror}") from None
-        bundle = parse_descriptor(raw, path)
-        guid = bundle.guid_of(os.path.basename(self.storage.path))
+        bundle = parse_descriptor(_read_descriptor_file(path), path)
+        guid = bundle.guid_of(self._my_name(path))
         if guid is None or guid not in bundle.parents:
             return None
         chain = bundle.chain(guid, path)
@@ -258,6 +336,52 @@ class ParallelsDriver(Driver):
             return None
         pfile, pkind = bundle.images[chain[1]]
         return BackingRef(pfile, "parallels" if pkind == "Compressed" else "raw")
+
+    def set_backing(self, ref: BackingRef | None, backing: Driver | None = None) -> None:
+        """Rewrite this image's ParentGUID in DiskDescriptor.xml (flatten: none; rebase: the
+        GUID of ``ref``'s image, which must be in the bundle directory)."""
+        path = self._bundle_path()
+        where = self.storage.path
+        if path is None:
+            raise UnsupportedFeature(f"{where}: not a file: no DiskDescriptor.xml to record it")
+        if not os.path.isfile(path):
+            if ref is None:
+                self.backing = None
+                return
+            raise UnsupportedFeature(
+                f"{where}: a Parallels image records its parent in a DiskDescriptor.xml "
+                f"bundle, and {path} does not exist"
+            )
+        raw = _read_descriptor_file(path)
+        bundle = parse_descriptor(raw, path)
+        root = ET.fromstring(raw)
+        me = bundle.guid_of(self._my_name(path))
+        parent = NULL_GUID
+        if ref is not None:
+            pname = _safe_name(ref.path, path)
+            if os.path.dirname(pname):
+                raise UnsupportedFeature(
+                    f"{where}: parent {ref.path} is not in the bundle directory"
+                )
+            found = bundle.guid_of(pname)
+            if found is None:
+                found = _new_guid()
+                _add_image(root, found, pname, NULL_GUID)
+            parent = found
+        if me is None:
+            _add_image(root, _new_guid(), self._my_name(path), parent)
+        else:
+            for shot in root.findall("Snapshots/Shot"):
+                if (shot.findtext("GUID") or "").strip().lower() == me:
+                    pg = shot.find("ParentGUID")
+                    assert pg is not None  # parse_descriptor checked it
+                    pg.text = parent
+        check = ET.tostring(root, encoding="utf-8")
+        b2 = parse_descriptor(check, path)  # the new tree must be valid and loop-free
+        if me is not None:
+            b2.chain(me, path)
+        _write_descriptor(path, root)
+        self.backing = None if ref is None else BackingRef(ref.path, ref.format or "parallels")
 
     def _load(self) -> None:
         st = self.storage
@@ -547,12 +671,13 @@ class ParallelsDriver(Driver):
     @classmethod
     def create(cls, storage: Storage, size: int, options: dict[str, Any]) -> None:
         reject_unknown_options(cls.name, options, ("cluster_size", "backing", "backing_driver"))
-        if options.get("backing") is not None:
-            raise UnsupportedFeature(
-                "parallels: a single .hdd file cannot record a parent (Parallels keeps "
-                "snapshot chains in a DiskDescriptor.xml bundle)"
-            )
-        cs = options.get("cluster_size") or DEFAULT_CLUSTER
+        ref: BackingRef | None = options.get("backing")
+        base = options.get("backing_driver")
+        if ref is not None:
+            cls._check_overlay(storage, ref, base)
+        cs = options.get("cluster_size") or (
+            base.cluster_size if isinstance(base, ParallelsDriver) else DEFAULT_CLUSTER
+        )
         if cs < 4096 or cs > MAX_CLUSTER or cs % SECTOR:
             raise UsageError(f"parallels: cluster size {cs} must be in [4096, {MAX_CLUSTER}]")
         if size <= 0 or size > MAX_DISK:
@@ -569,6 +694,55 @@ class ParallelsDriver(Driver):
         )
         storage.pwrite(0, hdr)
         storage.truncate(data)
+        if ref is not None:
+            cls._link_overlay(storage, ref, sectors, cs // SECTOR)
+
+    @classmethod
+    def _check_overlay(cls, storage: Storage, ref: BackingRef, base: Any) -> None:
+        if not isinstance(base, ParallelsDriver):
+            raise UnsupportedFeature(
+                "parallels: the parent of a Parallels image must be a Parallels image "
+                f"(got {getattr(base, 'name', None)!r})"
+            )
+        if not isinstance(storage, FileStorage):
+            raise UnsupportedFeature("parallels: overlays need a DiskDescriptor.xml beside them")
+        here = os.path.realpath(os.path.dirname(os.path.abspath(storage.path)))
+        there = os.path.realpath(os.path.dirname(os.path.abspath(base.storage.path)))
+        if here != there:
+            raise UnsupportedFeature(
+                f"parallels: {storage.path} and its parent {base.storage.path} must be in one "
+                "directory (a Parallels bundle records the chain in its DiskDescriptor.xml)"
+            )
+
+    @classmethod
+    def _link_overlay(cls, storage: Storage, ref: BackingRef, sectors: int, cl: int) -> None:
+        """Record the new image in DiskDescriptor.xml as the top snapshot over ``ref``."""
+        here = os.path.dirname(os.path.abspath(storage.path))
+        path = os.path.join(here, DESCRIPTOR)
+        me = os.path.basename(storage.path)
+        pname = os.path.basename(ref.path)
+        if os.path.exists(path):
+            raw = _read_descriptor_file(path)
+            bundle = parse_descriptor(raw, path)
+            root = ET.fromstring(raw)
+            parent = bundle.guid_of(pname)
+            if parent is None:
+                raise UnsupportedFeature(f"{path}: does not list the parent image {pname}")
+            guid = _new_guid()
+            _add_image(root, guid, me, parent)
+            snaps = root.find("Snapshots")
+            assert snaps is not None
+            top = snaps.find("TopGUID")
+            if top is None:
+                top = ET.Element("TopGUID")
+                snaps.insert(0, top)
+            top.text = guid
+        else:
+            root = _new_descriptor(sectors, cl)
+            parent = _new_guid()
+            _add_image(root, parent, pname, NULL_GUID)
+            _add_image(root, TOP_GUID, me, parent)
+        _write_descriptor(path, root)
 
 
 DRIVER = ParallelsDriver
