@@ -199,9 +199,14 @@ def best(measure, anchor: str, ours: str, reps: int = 3) -> tuple[float, float]:
 
 def source_image(out: str, size: int) -> str:
     """The realistic ext4 image of tools/bench (made once, kept in ``out``)."""
+    import importlib.util
     from importlib.machinery import SourceFileLoader
 
-    bench = SourceFileLoader("vdisk_bench", os.path.join(HERE, "bench")).load_module()
+    loader = SourceFileLoader("vdisk_bench", os.path.join(HERE, "bench"))
+    spec = importlib.util.spec_from_loader("vdisk_bench", loader)
+    assert spec is not None
+    bench = importlib.util.module_from_spec(spec)
+    loader.exec_module(bench)
     return bench.realistic_image(out, size)
 
 
