@@ -192,6 +192,7 @@ def test_bundle_chain(bundle):
         ("escape", UnsupportedFeature, "outside the bundle"),
         ("garbage", CorruptImage, "well-formed"),
         ("huge", CorruptImage, "exceeds"),
+        ("utf16", CorruptImage, "magic"),  # not taken for a descriptor at all
     ],
 )
 def test_hostile_descriptors(bundle, case, exc, match):
@@ -214,6 +215,12 @@ def test_hostile_descriptors(bundle, case, exc, match):
         )
     elif case == "garbage":
         desc.write_text("<Parallels_disk_image><oops></Parallels_disk_image>")
+    elif case == "utf16":
+        bomb = '<!DOCTYPE l [<!ENTITY a "aaaaaaaaaa">]>'
+        text = _descriptor([(ROOT, "disk.hdd.0.hds")], [(ROOT, prl.NULL_GUID)], bomb)
+        desc.write_bytes(text.replace("UTF-8", "UTF-16").encode("utf-16"))
+        with pytest.raises(UnsupportedFeature, match="not UTF-8"):  # nor parsed if asked to
+            prl.parse_descriptor(desc.read_bytes(), str(desc))
     else:
         desc.write_text(_descriptor([], []) + "<!--" + "x" * (2 * MiB) + "-->")
     with pytest.raises(exc, match=match):

@@ -133,6 +133,8 @@ def parse_descriptor(raw: bytes, where: str) -> Bundle:
     """Parse DiskDescriptor.xml (bounded; no DTD, so no entity expansion)."""
     if len(raw) > MAX_XML:
         raise CorruptImage(f"{where}: descriptor of {len(raw)} bytes exceeds the limit {MAX_XML}")
+    if b"\0" in raw:  # UTF-16/32 would hide a DOCTYPE from the check below
+        raise UnsupportedFeature(f"{where}: descriptor is not UTF-8 (refused)")
     low = raw.lower()
     if b"<!doctype" in low or b"<!entity" in low:
         raise UnsupportedFeature(f"{where}: descriptor has a DOCTYPE or ENTITY (refused)")
