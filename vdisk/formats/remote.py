@@ -379,6 +379,7 @@ class RemoteDriver(Driver):
         self.pack_idx: LRU[bytes, list[tuple[bytes, Loc]]] = LRU(256, weigh=lambda _v: 1)
         self.changed = False
         self._next_read = -1
+        self._from_store = False  # check: verify the store itself, not the local cache
         self._sequential = False
         self.stale: str | None = None  # set once another writer has committed past us
         # this session's uncommitted packs
@@ -625,7 +626,11 @@ class RemoteDriver(Driver):
                 buf = pending[1] if len(pending) == 3 else pending[0]
                 got[idx] = buf[loc.offset : loc.offset + loc.length]
                 continue
-            data = self.cache.get(loc.pack, loc.offset, loc.length, loc.cks)
+            data = (
+                None
+                if self._from_store
+                else self.cache.get(loc.pack, loc.offset, loc.length, loc.cks)
+            )
             if data is not None:
                 got[idx] = data
                 continue
@@ -1179,9 +1184,7 @@ class RemoteDriver(Driver):
             "s3": dict(self.client.counters),
         }
 
-    def check(self, *, repair: bool = False) -> CheckReport:
-        """Every map page of the image and its snapshots, every referenced pack, and every
-        stored cluster read back and verified against its checksum."""
+    def _check(self, repair: bool) -> CheckReport:
         rep = CheckReport()
         if repair:
             rep.info["repair"] = "nothing to repair: committed objects are never rewritten"
@@ -1224,10 +1227,14 @@ class RemoteDriver(Driver):
                         continue
                     seen.add((loc.pack, loc.offset))
                     want[idx] = (loc, key)
+                try:  # one batch per page: range GETs coalesced per pack
+                    batch = self._fetch(want)
+                except VdiskError:
+                    batch = {}  # some cluster is bad: fetch one by one to name it
                 for idx, (loc, key) in want.items():
                     clusters += 1
                     try:
-                        stored = self._fetch({idx: (loc, key)})[idx]
+                        stored = batch.get(idx) or self._fetch({idx: (loc, key)})[idx]
                         raw = codec.decode(
                             loc.codec, stored, loc.cks, self.cluster_size, f"cluster {idx}"
                         )
@@ -1237,6 +1244,15 @@ class RemoteDriver(Driver):
                         rep.corruptions.append(f"{label}: {err}")
         rep.info["clusters-checked"] = clusters
         return rep
+
+    def check(self, *, repair: bool = False) -> CheckReport:
+        """Every map page of the image and its snapshots, every referenced pack, and every
+        stored cluster read back from the store (not the local cache) and verified."""
+        self._from_store = True
+        try:
+            return self._check(repair)
+        finally:
+            self._from_store = False
 
     def close(self) -> None:
         try:
