@@ -105,6 +105,23 @@ def test_gpt_matches_sfdisk_and_falls_back_to_the_backup_header(tmp_path: Path) 
     assert {p.number: (p.offset, p.length) for p in table.partitions} == want
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a loop device with 4 KiB sectors)")
+def test_gpt_with_4k_sectors(tmp_path: Path) -> None:
+    need("sfdisk")
+    img = tmp_path / "d.img"
+    _blank(img, 32 * MiB)
+    dev = run(["losetup", "--sector-size", "4096", "-f", "--show", str(img)]).stdout.strip()
+    try:
+        run(["sfdisk", "-q", dev], input="label: gpt\n,4M\n,\n", check=False)
+        parts = json.loads(run(["sfdisk", "-J", dev]).stdout)["partitiontable"]["partitions"]
+    finally:
+        run(["losetup", "-d", dev])
+    want = {i + 1: (p["start"] * 4096, p["size"] * 4096) for i, p in enumerate(parts)}
+    table = pt.read_table(_reader(img), 32 * MiB, str(img))
+    assert (table.kind, table.sector_size) == ("gpt", 4096)
+    assert {p.number: (p.offset, p.length) for p in table.partitions} == want
+
+
 def _mbr(entries: list[tuple[int, int, int]]) -> bytearray:
     sector = bytearray(512)
     for i, (ptype, lba, count) in enumerate(entries):
