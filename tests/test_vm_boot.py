@@ -80,7 +80,9 @@ def _make_image(tmp: Path, fmt: str) -> Path:
     return img
 
 
-@pytest.mark.parametrize("fmt", ["raw", "qcow2", "vdisk"])
+# raw is the baseline; the native format is the one that matters. (qcow2 works as well,
+# but each boot costs seconds of TCG: test_nbd covers qcow2 through real clients.)
+@pytest.mark.parametrize("fmt", ["raw", "vdisk"])
 def test_guest_writes_marker(guest: Path, tmp_path: Path, fmt: str) -> None:
     need("mkfs.ext4")
     need("debugfs")
