@@ -59,6 +59,7 @@ class Served:
                 _, err = self.proc.communicate()
                 raise AssertionError(f"vdisk serve did not start: {err}")
             time.sleep(0.02)
+        assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         assert line.startswith("serving ") and "nbd://127.0.0.1:" in line, line
         self.port = int(line.split("nbd://127.0.0.1:")[1].split("/")[0])

@@ -154,11 +154,11 @@ async def _main(server: Any, bind: str, port: int, pid_file: str | None) -> None
         async with trio.open_nursery() as nursery:
             addrs = await nursery.start(server.serve, listeners)
             host, real_port = addrs[0]
-            for e in server.exports.values():
+            for export in server.exports.values():
                 also = ""
-                if server.default == e.name:
+                if server.default == export.name:
                     also = f" (and as the default export {_url(host, real_port, '')})"
-                click.echo(f"serving {e.image} as {_url(host, real_port, e.name)}{also}")
+                click.echo(f"serving {export.image} as {_url(host, real_port, export.name)}{also}")
             sys.stdout.flush()
             if pid_file:
                 tmp = f"{pid_file}.tmp"

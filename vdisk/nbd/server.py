@@ -290,8 +290,8 @@ class _Connection:
             if data:
                 return await self.error(opt, P.REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
             for e in srv.exports.values():
-                name = e.name.encode()
-                await self.reply(opt, P.REP_SERVER, P.U32.pack(len(name)) + name)
+                raw = e.name.encode()
+                await self.reply(opt, P.REP_SERVER, P.U32.pack(len(raw)) + raw)
             return await self.reply(opt, P.REP_ACK)
         if opt == P.OPT_STRUCTURED_REPLY:
             if data:
