@@ -252,6 +252,13 @@ def serve(opts: MountOptions, ready: Ready) -> None:
     if opts.fs_dir is not None:
         opts.fs_dir = os.path.realpath(opts.fs_dir)
     with contextlib.ExitStack() as stack:
+        # from here to the end of the teardown, a signal must neither kill the process with
+        # the mount left dangling nor interrupt the final flush: it is noted, the controller
+        # acts on it (trio's receiver takes over while the loop runs)
+        early: list[int] = []
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            previous = signal.signal(sig, lambda signum, _frame: early.append(signum))
+            stack.callback(signal.signal, sig, previous)
         disk = open_disk(opts)
         stack.callback(disk.close)
         snap_disk = None
@@ -279,12 +286,6 @@ def serve(opts: MountOptions, ready: Ready) -> None:
             options.add("allow_other")
         if opts.readonly:
             options.add("ro")
-        # a SIGTERM between the kernel mount and trio's signal receiver must not kill the
-        # process with the mount left dangling: note it, the controller acts on it
-        early: list[int] = []
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            previous = signal.signal(sig, lambda signum, _frame: early.append(signum))
-            stack.callback(signal.signal, sig, previous)
         try:
             pyfuse3.init(fs, opts.mountpoint, options)
         except RuntimeError:
