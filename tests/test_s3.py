@@ -523,3 +523,29 @@ def test_hung_store_times_out_then_recovers(
         os.killpg(weed.proc.pid, signal.SIGCONT)
     with api.open(url, readonly=True) as d:
         assert d.read(0, 131072) == pattern(0, 131072, seed=5)
+
+
+def test_clones_pin_their_base_version(s3env: str, tmp_path: Path) -> None:
+    """An overlay records s3://B/BASE@N: the base may go on (new commits, gc) underneath."""
+    base = f"{s3env}/golden"
+    api.create(base, 1 << 20)
+    with api.open(base) as d:
+        d.write(0, b"v1" * 32768)
+    api.clone(base, f"{s3env}/vm")
+    local = str(tmp_path / "vm.vdisk")
+    api.clone(base, local)
+    with api.open(f"{s3env}/vm", readonly=True) as c:
+        assert c.info()["backing-filename"] == f"{base}@2"
+    with api.open(base) as d:  # the golden image moves on
+        d.write(0, b"v2" * 32768)
+    for _ in range(2):
+        remote.gc(s3env, grace=0)
+    for path in (f"{s3env}/vm", local):
+        with api.open(path, readonly=True) as c:
+            assert c.read(0, 65536) == b"v1" * 32768
+    with api.open(base, readonly=True) as d:
+        assert d.read(0, 65536) == b"v2" * 32768
+    with api.open(f"{base}@2", readonly=True) as old:
+        assert old.read(0, 4) == b"v1v1"
+    with pytest.raises(VdiskError, match="read-only"):
+        api.open(f"{base}@2")

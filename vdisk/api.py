@@ -733,7 +733,7 @@ def create(
         )
         try:
             stored = (
-                bpath
+                getattr(base, "pinned_url", None) or bpath  # s3://B/NAME@N: that version
                 if _is_url(bpath) or _is_url(path)
                 else os.path.relpath(os.path.abspath(bpath), os.path.dirname(os.path.abspath(path)))
             )

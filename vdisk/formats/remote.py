@@ -76,7 +76,7 @@ from vdisk.formats.base import (
     reject_unknown_options,
 )
 from vdisk.storage import Storage
-from vdisk.storage.s3 import LocalCache, S3Client, S3Storage, is_url, parse_url
+from vdisk.storage.s3 import LocalCache, S3Client, S3Storage, is_url, parse_url, split_pin
 
 log = logging.getLogger("vdisk.remote")
 
@@ -404,6 +404,11 @@ class RemoteDriver(Driver):
             "commits": 0,
         }
 
+    @property
+    def pinned_url(self) -> str:
+        """This version of the image, for overlays to record: ``s3://B/NAME@N``."""
+        return f"s3://{self.storage.bucket}/{self.image}@{self.number}"
+
     def _apply(self, m: dict[str, Any]) -> None:
         self.manifest = m
         self.number = m["number"]
@@ -435,7 +440,7 @@ class RemoteDriver(Driver):
     def open(cls, storage: Storage, *, readonly: bool, options: dict[str, Any]) -> RemoteDriver:
         st = cls._storage(storage)
         reject_unknown_options(FORMAT, options, OPTIONS)
-        pin = options.get("manifest")
+        pin = options.get("manifest") or st.pin
         if pin is not None:
             if not readonly:
                 raise UsageError(f"{st.path}: a pinned manifest can only be opened read-only")
@@ -485,7 +490,9 @@ class RemoteDriver(Driver):
             brec = {"path": backing.path, "format": backing.format}
             base = options.get("backing_driver")
             if isinstance(base, RemoteDriver):
-                brec["uuid"] = base.uuid
+                # pinned to the base's current version: later commits to the base (or its
+                # garbage collection) never change what this overlay reads
+                brec.update(path=base.pinned_url, uuid=base.uuid)
         st.client.ensure_bucket()
         m = {
             "format": FORMAT,
@@ -1121,7 +1128,7 @@ class RemoteDriver(Driver):
         if ref is not None:
             rec = {"path": ref.path, "format": ref.format}
             if isinstance(backing, RemoteDriver):
-                rec["uuid"] = backing.uuid
+                rec.update(path=backing.pinned_url, uuid=backing.uuid)
         self.manifest = dict(self.manifest, backing=rec)
         self.backing = ref
         self.changed = True
@@ -1290,7 +1297,8 @@ class GCReport:
 def gc(url: str, *, grace: float = 3600.0, dry_run: bool = False) -> GCReport:
     """Delete what no live manifest references, safely while other hosts write.
 
-    Live: each image's latest manifest, the manifests its snapshots name, and every
+    Live: each image's latest manifest, the manifests its snapshots name, the base
+    versions that overlays in the bucket are pinned to (``s3://B/BASE@N``), and every
     manifest younger than ``grace``. Unreferenced packs are deleted in two runs: the first
     condemns one (deletes its dedup index and writes ``gc/condemned/<id>``; writers then
     stop deduplicating against it and re-store clusters they had matched to it before
@@ -1308,28 +1316,39 @@ def gc(url: str, *, grace: float = 3600.0, dry_run: bool = False) -> GCReport:
             manifests.setdefault(mm.group(1), []).append((int(mm.group(2)), o.mtime))
     live_pages: set[str] = set()
     live: set[tuple[str, int]] = set()
-    deletable: list[str] = []
+    todo: list[tuple[str, int]] = []
     for image, nums in manifests.items():
         rep.images += 1
         nums.sort()
-        latest = nums[-1][0]
-        keep = {latest}
-        m = load_manifest(client, image, latest)  # unreadable latest: stop, delete nothing
-        keep.update(s["manifest"] for s in m["snapshots"])
-        keep.update(n for n, t in nums if now - t < grace)
-        for n, _t in nums:
-            if n not in keep:
-                deletable.append(manifest_key(image, n))
-        for n in sorted(keep):
-            if not any(n == x for x, _t in nums):
-                raise CorruptImage(
-                    f"{client.where(manifest_key(image, n))}: a snapshot's manifest is missing"
-                )
-            mm2 = m if n == latest else load_manifest(client, image, n)
-            live.add((image, n))
-            for ref in mm2["pages"]:
-                if ref is not None:
-                    live_pages.add(ref[0] + ref[1])
+        todo.append((image, nums[-1][0]))  # unreadable latest: stop below, delete nothing
+        todo.extend((image, n) for n, t in nums if now - t < grace)
+    while todo:  # the live set: latest, snapshots, pinned bases of overlays, young ones
+        image, n = todo.pop()
+        if (image, n) in live:
+            continue
+        if not any(n == x for x, _t in manifests.get(image, [])):
+            raise CorruptImage(
+                f"{client.where(manifest_key(image, n))}: a live manifest is missing "
+                "(named by a snapshot or an overlay); nothing deleted"
+            )
+        m = load_manifest(client, image, n)
+        live.add((image, n))
+        todo.extend((image, sn["manifest"]) for sn in m["snapshots"])
+        b = m.get("backing")
+        if b and is_url(b["path"]):
+            bb, bname = parse_url(b["path"])
+            pin = split_pin(b["path"])[1]
+            if bb == bucket and pin is not None:
+                todo.append((bname, pin))
+        for ref in m["pages"]:
+            if ref is not None:
+                live_pages.add(ref[0] + ref[1])
+    deletable = [
+        manifest_key(image, n)
+        for image, nums in manifests.items()
+        for n, _t in nums
+        if (image, n) not in live
+    ]
     rep.live_manifests = len(live)
     live_packs: set[str] = set()
     for ref in live_pages:

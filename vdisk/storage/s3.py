@@ -75,12 +75,13 @@ def is_url(path: str) -> bool:
 
 
 def parse_url(url: str, *, need_name: bool = True) -> tuple[str, str]:
-    """``s3://BUCKET/NAME`` -> (bucket, name), both validated (name may be empty if allowed)."""
+    """``s3://BUCKET/NAME[@N]`` -> (bucket, name), both validated (name may be empty if
+    allowed; a version suffix is validated and dropped: see :func:`split_pin`)."""
     if not is_url(url):
         raise UsageError(f"{url}: not an s3:// URL")
     rest = url[len(SCHEME) :]
     bucket, _, name = rest.partition("/")
-    name = name.strip("/")
+    name, _pin = split_pin(name.strip("/"))
     if not _BUCKET_RE.match(bucket):
         raise UsageError(
             f"{url}: bad bucket name {bucket!r} (3 to 63 lower-case letters, digits, '.' or '-')"
@@ -94,6 +95,16 @@ def parse_url(url: str, *, need_name: bool = True) -> tuple[str, str]:
             f"{url}: bad image name {name!r} (letters, digits, '.', '_', '-', '/' separated)"
         )
     return bucket, name
+
+
+def split_pin(name: str) -> tuple[str, int | None]:
+    """``NAME@N`` names manifest N of image NAME (a pinned, read-only version)."""
+    base, at, num = name.rpartition("@")
+    if not at:
+        return name, None
+    if not num.isdigit() or not 0 < int(num) < 10**10:
+        raise UsageError(f"{name}: bad version {num!r} after '@' (a manifest number)")
+    return base, int(num)
 
 
 def endpoint() -> str | None:
@@ -351,7 +362,8 @@ class S3Storage(Storage):
 
     def __init__(self, url: str, *, readonly: bool, create: bool = False) -> None:
         self.bucket, self.name = parse_url(url)
-        self.path = f"{SCHEME}{self.bucket}/{self.name}"
+        self.pin = split_pin(url.rstrip("/"))[1]  # NAME@N: manifest N, read-only
+        self.path = f"{SCHEME}{self.bucket}/{self.name}" + (f"@{self.pin}" if self.pin else "")
         self.readonly = readonly
         self.create = create
         self.client = S3Client(self.bucket)
