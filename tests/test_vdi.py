@@ -128,7 +128,7 @@ def test_differencing(tmp_path):
     os.mkdir(tmp_path / "sub")
     moved = str(tmp_path / "sub" / "top.vdi")
     os.replace(top, moved)
-    with pytest.raises(BackingMismatch, match="not found"):
+    with pytest.raises(BackingMismatch, match="does not exist"):
         vdisk.open(moved, readonly=True)
     with vdisk.open(moved, readonly=True, options={"backing": "../base.vdi"}) as d:
         assert d.read(0, size) == bytes(model)
@@ -228,7 +228,7 @@ def test_unknown_uuid_parent_is_clear(tmp_path):
     vdisk.create(p, MiB, format="vdi")
     _patch(p, vdi.OFF_TYPE, struct.pack("<I", vdi.TYPE_DIFF))
     _patch(p, vdi.OFF_UUIDS + 32, uuid.uuid4().bytes)
-    with pytest.raises(BackingMismatch, match="not found"):
+    with pytest.raises(BackingMismatch, match="does not exist"):
         vdisk.open(p, readonly=True)
     with pytest.raises(CorruptImage):
         _patch(p, vdi.OFF_BLOCKS_ALLOCATED, struct.pack("<I", 99))

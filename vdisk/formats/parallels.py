@@ -381,7 +381,12 @@ class ParallelsDriver(Driver):
         check = ET.tostring(root, encoding="utf-8")
         b2 = parse_descriptor(check, path)  # the new tree must be valid and loop-free
         if me is not None:
-            b2.chain(me, path)
+            try:
+                b2.chain(me, path)
+            except CorruptImage as e:
+                raise UnsupportedFeature(
+                    f"{where}: refused: the new parent would make {e}"
+                ) from None
         _write_descriptor(path, root)
         self.backing = None if ref is None else BackingRef(ref.path, ref.format or "parallels")
 

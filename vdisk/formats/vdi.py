@@ -314,8 +314,8 @@ class VdiDriver(Driver):
             if cand.signature == SIGNATURE and cand.uuid_image == want:
                 return BackingRef(name, "vdi")
         raise BackingMismatch(
-            f"{where}: parent VDI with UUID {_uuid_text(want)} not found in {here} "
-            "(name it with the backing option)"
+            f"{where}: parent VDI with UUID {_uuid_text(want)} does not exist in {here} "
+            "(no .vdi there has that UUID; name the parent with the backing option)"
         )
 
     @classmethod
@@ -544,9 +544,10 @@ class VdiDriver(Driver):
             self.h.uuid_link = self.h.uuid_parent = bytes(16)
             self.backing = None
         elif backing is None:
-            if self.h.image_type != TYPE_DIFF:
-                raise UsageError(f"{self.storage.path}: not a differencing VDI")
+            if self.h.image_type != TYPE_DIFF:  # link to the UUID of the file ref names
+                self._link_by_path(ref)
             self.h.uuid_parent = bytes(16)
+            self.backing = BackingRef(ref.path, "vdi")
         else:
             if not isinstance(backing, VdiDriver):
                 raise UnsupportedFeature(
@@ -564,6 +565,22 @@ class VdiDriver(Driver):
             self.h.uuid_parent = backing.h.uuid_last_snap
             self.backing = BackingRef(ref.path, "vdi")
         self._write_header()
+
+    def _link_by_path(self, ref: BackingRef) -> None:
+        """Become a differencing image of the VDI that ``ref`` names (its creation UUID)."""
+        where = self.storage.path
+        if self.h.image_type == TYPE_STATIC:
+            raise UnsupportedFeature(f"{where}: a static VDI cannot have a parent")
+        path = self.storage.resolve(ref.path)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(HEADER_AREA)
+        except OSError as e:
+            raise BackingMismatch(f"{where}: cannot read parent {path}: {e.strerror}") from None
+        if len(raw) < HEADER_AREA or VdiHeader(raw).signature != SIGNATURE:
+            raise UnsupportedFeature(f"{where}: parent {path} is not a VDI image")
+        self.h.image_type = TYPE_DIFF
+        self.h.uuid_link = VdiHeader(raw).uuid_image
 
     def info(self) -> dict[str, Any]:
         return {
