@@ -115,3 +115,19 @@ def test_corrupt_cluster_error_names_file_and_offsets() -> None:
     rep = d.check()
     assert rep.exit_code == 2
     assert any(f"guest offset {100_000 // CS * CS}" in c for c in rep.corruptions)
+
+
+def test_corrupt_table_error_names_the_guest_range() -> None:
+    img, _live, _prev, _snap, _ranges = _build()
+    d = NativeDriver.open(MemoryStorage("flip.vdisk", img), readonly=True, options={})
+    root = d.map.root
+    assert root.host
+    bad = bytearray(img)
+    bad[root.host + 3] ^= 1
+    d = NativeDriver.open(MemoryStorage("flip.vdisk", bytes(bad)), readonly=True, options={})
+    try:
+        d.read(8192, 100)
+    except VdiskError as err:
+        assert "mapping table" in str(err) and "guest offset 8192" in str(err)
+    else:
+        raise AssertionError("corrupt root table not detected")

@@ -519,6 +519,16 @@ class NativeDriver(Driver):
     # -- I/O ----------------------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes:
+        try:
+            return self._read(offset, length)
+        except CorruptImage as e:
+            msg = str(e)
+            if "guest offset" in msg:
+                raise
+            # a damaged table: say which guest range could not be read
+            raise type(e)(f"{msg} (reading guest offset {offset}, {length} bytes)") from None
+
+    def _read(self, offset: int, length: int) -> bytes:
         cs = self.cluster_size
         c0 = offset >> self.cluster_bits
         c1 = (offset + length + cs - 1) >> self.cluster_bits
