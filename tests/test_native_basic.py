@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import time
 import tracemalloc
 
@@ -469,3 +470,37 @@ def test_hostile_deferred_list(runs: list[tuple[int, int]]) -> None:
     st = _with_header(out, deferred=entry, deferred_runs=len(runs), host_slots=d.host_slots + 1)
     with pytest.raises(CorruptImage, match="deferred-free run"):
         _open(st)
+
+
+def test_deep_trees_and_multi_slot_blobs() -> None:
+    """4 KiB clusters: refcount tree of depth 2, a deferred-free list of many runs that
+    spans several slots, a mapping tree that grows from 1 to 3 levels and back."""
+    st = MemoryStorage("deep.vdisk")
+    NativeDriver.create(st, 16 << 20, {"cluster_size": 4096})
+    d = NativeDriver.open(st, readonly=False, options={"commit_interval": 0})
+    data = random.Random(9).randbytes(16 << 20)
+    d.write(0, data)
+    d.flush()
+    assert d.rtree.depth >= 2
+    for c in range(0, 4096, 2):
+        d.discard(c * 4096, 4096)
+    d.flush()
+    assert d.hdr.deferred_runs >= 2000 and d.hdr.deferred.length > 4096
+    d.close()
+    d = NativeDriver.open(st, readonly=False, options={"commit_interval": 0})
+    expect = bytearray(data)
+    for c in range(0, 4096, 2):
+        expect[c * 4096 : c * 4096 + 4096] = bytes(4096)
+    assert d.read(0, 16 << 20) == expect
+    assert d.check().exit_code == 0
+    depth = d.map.depth
+    d.truncate(1 << 30)
+    d.write((1 << 30) - 4096, b"e" * 4096)
+    d.flush()
+    assert d.map.depth > depth
+    assert d.read(0, 16 << 20) == expect
+    d.truncate(8 << 20)
+    d.close()
+    d = NativeDriver.open(st, readonly=True, options={})
+    assert d.size == 8 << 20 and d.read(0, 8 << 20) == expect[: 8 << 20]
+    assert d.check().exit_code == 0

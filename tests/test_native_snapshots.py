@@ -158,3 +158,19 @@ def test_snapshots_through_the_api(tmp_path) -> None:
         disk.snapshots.delete("s1")
         assert disk.snapshots.list() == []
         assert disk.check().exit_code == 0
+
+
+def test_many_snapshots_multi_slot_table() -> None:
+    st, d = _drv()
+    for i in range(120):
+        d.write(i * CS, bytes([i + 1]) * CS)
+        d.create_snapshot(f"snapshot-number-{i:03d}")
+    assert d.hdr.snap_table.length > CS
+    d.close()
+    d = NativeDriver.open(st, readonly=False, options={"commit_interval": 0})
+    assert len(d.list_snapshots()) == 120
+    v = d.open_snapshot("snapshot-number-050")
+    assert v.read(50 * CS, CS) == bytes([51]) * CS and v.read(51 * CS, CS) == bytes(CS)
+    for i in range(0, 120, 2):
+        d.delete_snapshot(f"snapshot-number-{i:03d}")
+    _clean(d)
