@@ -622,3 +622,43 @@ def test_unpinned_parent_loop(tmp_path):
             d.close()
     with pytest.raises(BackingMismatch, match="loop"):
         vdisk.open(a, readonly=True)
+
+
+def test_log_sequence_wraps_around(tmp_path, qemu_img, qemu_io):
+    """Two entries: the older at the end of the log, the newer wrapped to its start; both
+    are replayed, in order (the newer page wins), as qemu replays them."""
+    path = str(tmp_path / "wrap.vhdx")
+    qemu_img("create", "-q", "-f", "vhdx", "-o", "block_size=1M", path, "2M")
+    qemu_io("-c", "write -P 0x5a 0 2M", path)
+    d = _open(path)
+    host = d.block_status(0, d.size)[0].host
+    h, slot = d.header, d.header_slot
+    d.close()
+    assert host is not None
+    guid = uuid.uuid4().bytes_le
+    fsize = os.path.getsize(path)
+    old_at = h.log_length - 8192
+    older = vhdx.build_log_entry(5, guid, [(host, b"\x01" * 4096)], fsize, fsize, old_at)
+    newer = vhdx.build_log_entry(
+        6, guid, [(host, b"\x03" * 4096), (host + 8192, None)], fsize, fsize, old_at
+    )
+    assert len(older) == 8192
+    _patch(path, h.log_offset + old_at, older)
+    _patch(path, h.log_offset, newer)
+    h.log_guid, h.seq = guid, h.seq + 1
+    _patch(path, vhdx.HEADER_OFFSETS[1 - slot], h.pack())
+    want = bytearray(b"\x5a" * 2 * MiB)
+    want[0:4096] = b"\x03" * 4096
+    want[8192:12288] = bytes(4096)
+    copy = str(tmp_path / "copy.vhdx")
+    shutil.copy(path, copy)
+    qemu_io("-c", "read 0 512", copy)
+    assert _qemu_raw(qemu_img, copy, tmp_path) == bytes(want)
+    d = _open(path)
+    try:
+        assert d.read(0, d.size) == bytes(want)
+    finally:
+        d.close()
+    with vdisk.open(path) as disk:
+        assert disk.read(0, disk.size) == bytes(want)
+    qemu_img("check", path)

@@ -604,16 +604,21 @@ def parse_locator(raw: bytes, where: str) -> dict[str, str]:
 
 
 def build_log_entry(
-    seq: int, guid: bytes, writes: list[tuple[int, bytes | None]], flushed: int, last: int
+    seq: int,
+    guid: bytes,
+    writes: list[tuple[int, bytes | None]],
+    flushed: int,
+    last: int,
+    tail: int = 0,
 ) -> bytes:
-    """One log entry (tail at its own position 0): a 4 KiB page per data write, or a
-    zero descriptor of 4 KiB for None."""
+    """One log entry: a 4 KiB page per data write, or a zero descriptor of 4 KiB for None.
+    ``tail`` is the log offset of the oldest entry still needed (its own when alone)."""
     ndesc = len(writes)
     dsec = -(-(LOG_HDR.size + LOG_DESC.size * ndesc) // LOG_SECTOR)
     ndata = sum(1 for _o, d in writes if d is not None)
     length = (dsec + ndata) * LOG_SECTOR
     buf = bytearray(length)
-    LOG_HDR.pack_into(buf, 0, LOG_SIG, 0, length, 0, seq, ndesc, 0, guid, flushed, last)
+    LOG_HDR.pack_into(buf, 0, LOG_SIG, 0, length, tail, seq, ndesc, 0, guid, flushed, last)
     k = 0
     for i, (off, payload) in enumerate(writes):
         at = LOG_HDR.size + LOG_DESC.size * i
