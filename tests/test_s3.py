@@ -549,3 +549,46 @@ def test_clones_pin_their_base_version(s3env: str, tmp_path: Path) -> None:
         assert old.read(0, 4) == b"v1v1"
     with pytest.raises(VdiskError, match="read-only"):
         api.open(f"{base}@2")
+
+
+def test_gc_condemned_dedup_target_is_stored_again(s3env: str) -> None:
+    """A writer that deduplicated against a pack which gc then condemns stores those
+    clusters again at its commit: its manifest never names a pack gc deletes."""
+    grace = 2.0  # listings give whole seconds: keep a margin
+    x = pattern(0, 65536, seed=11)
+    a = f"{s3env}/first"
+    api.create(a, 1 << 20)
+    with api.open(a) as d:
+        d.write(0, x)
+    with api.open(a) as d:
+        d.write(0, pattern(0, 65536, seed=12))  # x's pack is now unreferenced
+    time.sleep(grace + 0.3)
+    b = f"{s3env}/second"
+    api.create(b, 1 << 20)
+    w = api.open(b, commit_interval=None)
+    w.write(65536, x)
+    w._cache.write_back()
+    assert w.driver.stats()["clusters_deduplicated"] == 1
+    assert remote.gc(s3env, grace=grace).condemned == 1
+    w.close()  # the commit finds the index gone and stores x in a pack of its own
+    time.sleep(grace + 0.3)
+    assert remote.gc(s3env, grace=grace).deleted_packs == 1
+    with api.open(b, readonly=True) as d:
+        assert d.read(65536, 65536) == x
+        assert d.check().exit_code == 0
+
+
+def test_local_cache_stays_bounded(s3env: str, tmp_path: Path) -> None:
+    url = f"{s3env}/bounded"
+    size = 4 << 20
+    api.create(url, size)
+    with api.open(url, options={"cache_bytes": 0, "pack_size": 256 << 10}) as d:
+        d.write(0, os.urandom(size))  # incompressible: 4 MiB stored in 16 packs
+    limit = 1 << 20
+    with api.open(url, readonly=True, cache_mb=0, options={"cache_bytes": limit}) as d:
+        for off in range(0, size, 65536):
+            d.read(off, 65536)
+        st = d.stats()["format"]["local_cache"]
+    assert st["bytes"] <= limit and st["evictions"] >= 1
+    on_disk = sum(f.stat().st_blocks * 512 for f in (tmp_path / "cache" / "packs").iterdir())
+    assert on_disk <= limit + (256 << 10)  # the bound, plus at most the pack being filled
