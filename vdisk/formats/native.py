@@ -759,8 +759,12 @@ class NativeDriver(Driver):
             host = None
             if e is not None and e.codec == codec.RAW:
                 host = e.host + (lo - a * cs)
-            out.append(Extent(kind, lo, hi - lo, host))
-        return merge_extents(out)
+            if out and out[-1].kind == kind and out[-1].end == lo:
+                # merge as we go: a whole-disk query of a full image stays a short list
+                out[-1:] = merge_extents([out[-1], Extent(kind, lo, hi - lo, host)])
+            else:
+                out.append(Extent(kind, lo, hi - lo, host))
+        return out
 
     def truncate(self, size: int) -> None:
         self._check_writable()
