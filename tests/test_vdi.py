@@ -329,3 +329,17 @@ def _memory_vdi(size: int):
     st = MemoryStorage("parent")
     vdi.VdiDriver.create(st, size, {})
     return st
+
+
+def test_resize_qemu_image_short_last_block(tmp_path, qemu_img, qemu_io):
+    p = str(tmp_path / "g.vdi")
+    old = 1537 * 1024
+    qemu_img("create", "-q", "-f", "vdi", p, str(old))
+    qemu_io("-c", f"write -P 0x61 0 {old}", p)
+    with vdisk.open(p) as d:
+        d.resize(12 * MiB)
+        d.write(12 * MiB - 512, b"z" * 512)
+    ref = tmp_path / "ref.raw"
+    ref.write_bytes(b"a" * old + bytes(12 * MiB - 512 - old) + b"z" * 512)
+    qemu_img("check", p)
+    qemu_img("compare", "-f", "vdi", "-F", "raw", p, str(ref))

@@ -662,3 +662,18 @@ def test_log_sequence_wraps_around(tmp_path, qemu_img, qemu_io):
     with vdisk.open(path) as disk:
         assert disk.read(0, disk.size) == bytes(want)
     qemu_img("check", path)
+
+
+def test_resize_qemu_fixed_short_last_block(tmp_path, qemu_img, qemu_io):
+    p = str(tmp_path / "g.vhdx")
+    old = 9 * MiB + 512
+    opts = "subformat=fixed,block_size=8M,block_state_zero=off"
+    qemu_img("create", "-q", "-f", "vhdx", "-o", opts, p, str(old))
+    qemu_io("-c", f"write -P 0x61 0 {old}", p)
+    with vdisk.open(p) as d:
+        d.resize(12 * MiB)  # still two blocks: the last one's file space grows
+        d.write(12 * MiB - 512, b"z" * 512)
+    ref = tmp_path / "ref.raw"
+    ref.write_bytes(b"a" * old + bytes(12 * MiB - 512 - old) + b"z" * 512)
+    qemu_img("check", p)
+    qemu_img("compare", "-f", "vhdx", "-F", "raw", p, str(ref))

@@ -487,6 +487,12 @@ class VdiDriver(Driver):
         blocks = -(-size // self.block_size)
         if size < self.size:
             raise UnsupportedFeature(f"{self.storage.path}: shrinking VDI images is not supported")
+        last = self.size // self.block_size
+        if self.size % self.block_size and self.bmap.get(last) < DISCARDED:
+            # the old last block's bytes past the old end must read as zeros
+            end = min(size, (last + 1) * self.block_size)
+            host = self._host(last, self.bmap.get(last)) + self.size % self.block_size
+            self.storage.pwrite(host, bytes(end - self.size))
         if blocks > self.h.blocks_in_image:
             room = (self.h.offset_data - self.h.offset_bmap) // 4
             if blocks > room:

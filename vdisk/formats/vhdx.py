@@ -1013,14 +1013,21 @@ class VhdxDriver(Driver):
         # the old last block may be short: its tail beyond the old size must read as zeros
         tail = self.size % self.block_size
         if tail:
-            state, _h = self._entry(self.blocks - 1)
+            last = self.blocks - 1
+            state, host = self._entry(last)
             if state in (FULLY_PRESENT, PARTIALLY_PRESENT):
                 end = min(size, self.blocks * self.block_size)
                 self.write_zeroes(self.size, end - self.size)
+                # qemu's fixed disks end where the last block's data ends: make room
+                need = host + min(self.block_size, size - last * self.block_size)
+                if self.storage.size() < need:
+                    self.storage.truncate(need)
         self.storage.sync()
-        items_off = self._meta_item_offset(DISK_SIZE_GUID)
-        self.storage.pwrite(items_off, struct.pack("<Q", size))
-        self.storage.sync()
+        item = self._meta_item_offset(DISK_SIZE_GUID)
+        page = item - item % LOG_SECTOR
+        buf = bytearray(self.storage.pread_exact(page, LOG_SECTOR, "VHDX metadata"))
+        struct.pack_into("<Q", buf, item - page, size)
+        self._logged_write([(page, bytes(buf))])
         self.size, self.blocks = size, blocks
         self.bat = PagedTable(self.storage, self.bat_offset, nbat, "<Q")
 
