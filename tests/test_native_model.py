@@ -7,7 +7,13 @@ import itertools
 
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from vdisk.formats.native import NativeDriver
 from vdisk.storage import MemoryStorage
@@ -26,6 +32,7 @@ class NativeModel(RuleBasedStateMachine):
         NativeDriver.create(self.st, size, {"cluster_size": cs})
         self.d = NativeDriver.open(self.st, readonly=False, options={"commit_interval": 0})
         self.model = bytearray(size)
+        self.snaps: dict[str, bytes] = {}
 
     def _range(self, data: st.DataObject) -> tuple[int, int]:
         size = len(self.model)
@@ -92,6 +99,39 @@ class NativeModel(RuleBasedStateMachine):
         if n:
             assert self.d.read(off, n) == self.model[off : off + n]
 
+    @rule(name=st.sampled_from(["a", "b", "c"]))
+    def snapshot_create(self, name: str) -> None:
+        if name in self.snaps:
+            return
+        self.d.create_snapshot(name)
+        self.snaps[name] = bytes(self.model)
+
+    @precondition(lambda self: bool(getattr(self, "snaps", None)))
+    @rule(data=st.data())
+    def snapshot_revert(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(sorted(self.snaps)))
+        self.d.revert_snapshot(name)
+        self.model = bytearray(self.snaps[name])
+        assert self.d.size == len(self.model)
+
+    @precondition(lambda self: bool(getattr(self, "snaps", None)))
+    @rule(data=st.data())
+    def snapshot_delete(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(sorted(self.snaps)))
+        self.d.delete_snapshot(name)
+        del self.snaps[name]
+
+    @precondition(lambda self: bool(getattr(self, "snaps", None)))
+    @rule(data=st.data())
+    def snapshot_view(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(sorted(self.snaps)))
+        view = self.d.open_snapshot(name)
+        want = self.snaps[name]
+        assert view.size == len(want)
+        if want:
+            assert view.read(0, len(want)) == want
+        view.close()
+
     @invariant()
     def block_status_covers(self) -> None:
         if not hasattr(self, "d") or not self.model:
@@ -115,6 +155,6 @@ class NativeModel(RuleBasedStateMachine):
 
 
 NativeModel.TestCase.settings = settings(
-    max_examples=400, stateful_step_count=40, deadline=None, derandomize=True
+    max_examples=300, stateful_step_count=40, deadline=None, derandomize=True
 )
 test_native_model = NativeModel.TestCase
