@@ -971,7 +971,10 @@ class NativeDriver(Driver):
 
     def _find_snapshot(self, name: str) -> Snapshot:
         for s in self.snapshots:
-            if s.name == name or str(s.id) == name:
+            if s.name == name:
+                return s
+        for s in self.snapshots:  # qemu-img style: an id works where a name is expected
+            if str(s.id) == name:
                 return s
         raise UsageError(f"{self.storage.path}: no snapshot named {name!r}")
 
