@@ -718,19 +718,26 @@ def test_every_format_qemu_writes_reads_back_through_the_mount(
     """The mount holds no format logic: whatever vdisk reads, DIR/disk shows (qemu-img
     makes each image; writes through the mount land where qemu-io then finds them)."""
     need("qemu-img")
+    from concurrent.futures import ThreadPoolExecutor
+
     writes = [(0x11, 65536 - 512, 4096), (0x22, 3 * MiB - 512, 2 * MiB + 1024)]
-    for qfmt in ("vmdk", "vpc", "vhdx", "vdi", "parallels"):  # qcow2: the tests above
+    fmts = ("vmdk", "vpc", "vhdx", "vdi", "parallels")  # qcow2: the tests above
+    cmds = [a for pat, off, n in writes for a in ("-c", f"write -P {pat} {off} {n}")]
+    for qfmt in fmts:
         img = tmp_path / f"d.{qfmt}"
         run(["qemu-img", "create", "-q", "-f", qfmt, str(img), str(8 * MiB)])
-        cmds = [a for pat, off, n in writes for a in ("-c", f"write -P {pat} {off} {n}")]
         run(["qemu-io", "-f", qfmt, *cmds, str(img)])
-        mnt = tmp_path / f"m-{qfmt}"
-        mounts.mount(img, mnt)
-        with open(mnt / "disk", "r+b") as f:
+    with ThreadPoolExecutor(len(fmts)) as pool:  # mounts are independent: start them at once
+        list(pool.map(lambda f: mounts.mount(tmp_path / f"d.{f}", tmp_path / f"m-{f}"), fmts))
+    for qfmt in fmts:
+        with open(tmp_path / f"m-{qfmt}" / "disk", "r+b") as f:
             for pat, off, n in writes:
                 f.seek(off - 100)
                 assert f.read(n + 200) == bytes(100) + bytes([pat]) * n + bytes(100), qfmt
             f.seek(5 * MiB - 7)
             f.write(b"\x5a" * 70_000)
-        mounts.umount(mnt)
+    with ThreadPoolExecutor(len(fmts)) as pool:
+        list(pool.map(lambda f: mounts.umount(tmp_path / f"m-{f}"), fmts))
+    for qfmt in fmts:
+        img = tmp_path / f"d.{qfmt}"
         run(["qemu-io", "-f", qfmt, "-c", f"read -P 0x5a {5 * MiB - 7} 70000", str(img)])
