@@ -600,9 +600,14 @@ class Qcow2Driver(Driver):
     # -- I/O -----------------------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes:
+        runs = list(self._runs(offset, length))
+        if len(runs) == 1 and runs[0][0] == DATA:  # one contiguous host run: no copies
+            data = self.storage.pread(runs[0][3], length)
+            if len(data) == length:
+                return data
         out = bytearray(length)
         cs = self.cluster_size
-        for kind, goff, n, host in self._runs(offset, length):
+        for kind, goff, n, host in runs:
             pos = goff - offset
             if kind == DATA:
                 data = self.storage.pread(host, n)
