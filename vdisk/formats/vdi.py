@@ -284,8 +284,10 @@ class VdiDriver(Driver):
         """The parent of a differencing image: the caller's hint, else the first ``.vdi``
         beside the image whose creation UUID is our ``uuid_link``."""
         if isinstance(hint, BackingRef):
-            return BackingRef(hint.path, "vdi")
+            hint = hint.path
         if isinstance(hint, str) and hint:
+            if "\0" in hint:
+                raise UsageError(f"{self.storage.path}: option backing is not a usable path")
             return BackingRef(hint, "vdi")
         if hint is not None:
             raise UsageError(f"{self.storage.path}: option backing must be a path")

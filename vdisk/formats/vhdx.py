@@ -763,6 +763,8 @@ class VhdxDriver(Driver):
         for key in ("relative_path", "absolute_win32_path"):
             v = self.locator.get(key)
             if v:
+                if "\0" in v or len(v) > 4096:
+                    raise CorruptImage(f"{where}: VHDX parent locator {key} is not a usable path")
                 path = v.replace("\\", "/")
                 if key == "relative_path" and path.startswith("./"):
                     path = path[2:]
