@@ -18,17 +18,19 @@ that did not reach their final place. On open the active sequence (the valid ent
 consecutive sequence numbers ending at the newest one, starting at its tail) is replayed
 into the file when writable, or applied in memory (``_LogOverlay``) when read-only.
 
-vdisk writes without the log, in this order (all new space is at the end of the file):
+vdisk writes payload without the log, in this order (new space is at the end of the file):
 
-===============================  ================================  ===========================
-crash after                      on disk                           next open
-===============================  ================================  ===========================
-header update (new write GUIDs)  both headers valid, newer wins    new GUIDs, nothing else
-file extended for a new block    zeros past the old end            unreferenced space (a leak)
-block data written               data in the unreferenced block    leak, old content stands
-file size synced, sector bitmap  bits for a block still NOT_PRESENT  bits unused, old content
-BAT entry (8 bytes, one sector)  the new block is live             new content
-===============================  ================================  ===========================
+=================================  ===================================  =====================
+crash after                        on disk                              next open
+=================================  ===================================  =====================
+header update (new write GUIDs)    both headers valid, newer wins       new GUIDs only
+file extended, block data written  data in an unreferenced block        a leak, old content
+sync, sector bitmap bits written   bits of a block still NOT_PRESENT    old content
+BAT entry (8 bytes, one sector)    the new block is live                new content
+=================================  ===================================  =====================
+
+A write to sectors not yet present in a PARTIALLY_PRESENT block syncs its data before the
+bits that make it visible, so a power loss never shows stale bytes instead of the parent's.
 
 Zeroing or discarding an allocated block punches a hole in it and keeps it allocated
 (a fixed disk's blocks are never unallocated), so no space is leaked in the file.
