@@ -267,6 +267,9 @@ class DiskFS(pyfuse3.Operations):
             stats = self.disk.stats()
         except VdiskError as e:
             stats = {"error": str(e)}
+        except Exception as e:  # a bug in a counter must not end the mount (getattr calls this)
+            log.exception("disk.stats() failed")
+            stats = {"error": f"{type(e).__name__}: {e}"}
         data = (json.dumps(stats, indent=2, default=str) + "\n").encode()
         self._stats_len = len(data)
         return data
