@@ -1219,9 +1219,9 @@ class RemoteDriver(Driver):
                 want: dict[int, tuple[Loc, bytes]] = {}
                 for i in range(PAGE_ENTRIES):
                     idx = pidx * PAGE_ENTRIES + i
-                    e = bytes(page[i * ENTRY.size : (i + 1) * ENTRY.size])
+                    raw_entry = bytes(page[i * ENTRY.size : (i + 1) * ENTRY.size])
                     try:
-                        _flags, loc, key = self._parse(idx, e)
+                        _flags, loc, key = self._parse(idx, raw_entry)
                     except CorruptImage as err:
                         rep.corruptions.append(f"{label}: {err}")
                         continue

@@ -22,6 +22,7 @@ variables or profile (boto3's chain).
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import re
@@ -313,7 +314,9 @@ class S3Client:
                 kwargs["ContinuationToken"] = token
             elif start_after:
                 kwargs["StartAfter"] = start_after
-            r = self._call("LIST", prefix, lambda kw=kwargs: self._c.list_objects_v2(**kw))
+            r: dict[str, Any] = self._call(
+                "LIST", prefix, functools.partial(self._c.list_objects_v2, **kwargs)
+            )
             for o in r.get("Contents", []):
                 yield ObjectInfo(o["Key"], int(o["Size"]), o["LastModified"].timestamp())
             if not r.get("IsTruncated"):
