@@ -741,3 +741,22 @@ def test_every_format_qemu_writes_reads_back_through_the_mount(
     for qfmt in fmts:
         img = tmp_path / f"d.{qfmt}"
         run(["qemu-io", "-f", qfmt, "-c", f"read -P 0x5a {5 * MiB - 7} 70000", str(img)])
+
+
+@pytestmark_root
+def test_o_dsync_writes_survive_kill_9(tmp_path: Path, mounts: Mounts) -> None:
+    """The kernel does not fsync direct_io writes of an O_DSYNC file, so the mount commits
+    after each one itself (without it this data is lost: the commit interval is 5 s)."""
+    img = _image(tmp_path, "vdisk", 16 * MiB)
+    mnt = tmp_path / "mnt"
+    mounts.mount(img, mnt)
+    fd = os.open(mnt / "disk", os.O_WRONLY | os.O_DSYNC)
+    try:
+        os.pwrite(fd, pattern(3 * 65536 - 5, 300_000, 9), 3 * 65536 - 5)
+    finally:
+        os.close(fd)
+    os.kill(mounts.pid_of(mnt), signal.SIGKILL)
+    time.sleep(0.2)
+    run([*VDISK, "umount", str(mnt)])
+    with api.open(str(img), readonly=True) as d:
+        assert d.read(3 * 65536 - 5, 300_000) == pattern(3 * 65536 - 5, 300_000, 9)

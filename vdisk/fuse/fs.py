@@ -76,6 +76,7 @@ class Handle:
     node: Node
     data: bytes | None = None  # the stats file's content, frozen at open
     wrote: bool = False
+    sync: bool = False  # opened O_SYNC / O_DSYNC: every write is a commit point
 
     @property
     def disk(self) -> Disk:
@@ -364,7 +365,7 @@ class DiskFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY and not node.writable:
             raise pyfuse3.FUSEError(errno.EACCES if node.kind == "stats" else errno.EROFS)
-        handle = Handle(node)
+        handle = Handle(node, sync=bool(flags & os.O_DSYNC))  # O_SYNC includes O_DSYNC
         if node.kind == "stats":
             handle.data = await self._call(self.disk, 0, 1 << 30, False, self._stats_bytes)
         elif node.kind == "snap" and node.disk is None:
@@ -407,6 +408,8 @@ class DiskFS(pyfuse3.Operations):
         disk = handle.disk
         await self._call(disk, pos, n, True, disk.write, pos, data)
         handle.wrote = True
+        if handle.sync:  # the kernel does not fsync direct_io writes of O_DSYNC files
+            await self._call(disk, 0, 1 << 30, False, disk.flush)
         return n
 
     async def fsync(self, fh: int, datasync: bool) -> None:
