@@ -677,3 +677,26 @@ def test_resize_qemu_fixed_short_last_block(tmp_path, qemu_img, qemu_io):
     ref.write_bytes(b"a" * old + bytes(12 * MiB - 512 - old) + b"z" * 512)
     qemu_img("check", p)
     qemu_img("compare", "-f", "vhdx", "-F", "raw", p, str(ref))
+
+
+def test_one_bad_copy_is_survived(small):
+    """A torn header or region table is covered by the other copy."""
+    want = b"\x33" * 2 * MiB + bytes(2 * MiB)
+    d = _open(small)
+    slot = d.header_slot
+    d.close()
+    _patch(small, vhdx.HEADER_OFFSETS[slot] + 100, b"torn")
+    _patch(small, vhdx.REGION_OFFSETS[0] + 40, b"torn")
+    d = _open(small)
+    try:
+        assert d.header_slot == 1 - slot
+        assert d.read(0, d.size) == want
+    finally:
+        d.close()
+    with vdisk.open(small) as disk:  # writing rewrites both headers
+        disk.write(0, b"w" * 512)
+    d = _open(small)
+    try:
+        assert d.read(0, 512) == b"w" * 512
+    finally:
+        d.close()
