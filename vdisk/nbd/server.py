@@ -70,6 +70,11 @@ class Export:
     description: str = ""
     image: str | None = None  # the image's path, for `vdisk info --stats`
     _avg_ns: float = field(default=0.0, repr=False)
+    #: Held around every disk call this server makes (inline or in a thread). The Disk
+    #: serialises its calls anyway; waiting here (in trio) instead of on the Disk's lock
+    #: (in a thread) keeps fast calls inline: otherwise, once one call is in a thread,
+    #: every request arriving meanwhile finds the lock taken and takes a thread too.
+    gate: trio.Lock = field(default_factory=trio.Lock, repr=False)
 
     @property
     def size(self) -> int:
@@ -417,7 +422,19 @@ class _Connection:
                     continue
                 work = self.work(export, cmd, flags, offset, length, data)
                 if self.inline_ok(export, cmd, flags, length):
-                    outcome = _run_inline(export, work, length)
+                    gate = export.gate
+                    try:
+                        gate.acquire_nowait()
+                    except trio.WouldBlock:
+                        if out:  # do not hold replies back while waiting
+                            await self.send(*out)
+                            out.clear()
+                            out_bytes = 0
+                        await gate.acquire()
+                    try:
+                        outcome = _run_inline(export, work, length)
+                    finally:
+                        gate.release()
                     if outcome is not _BUSY:
                         parts = self.reply_parts(cookie, cmd, offset, length, outcome)
                         out += parts
@@ -514,9 +531,10 @@ class _Connection:
         large: bool,
     ) -> None:
         try:
-            outcome = await trio.to_thread.run_sync(
-                _run_timed, export, work, length, limiter=self.server.limiter
-            )
+            async with export.gate:
+                outcome = await trio.to_thread.run_sync(
+                    _run_timed, export, work, length, limiter=self.server.limiter
+                )
             await self.send(*self.reply_parts(cookie, cmd, offset, length, outcome))
         finally:
             self.inflight.release()
@@ -709,7 +727,8 @@ class Server:
             await trio.sleep(COMMIT_POLL)
             for e in self.exports.values():
                 try:
-                    await trio.to_thread.run_sync(_commit_and_publish, e, limiter=self.limiter)
+                    async with e.gate:
+                        await trio.to_thread.run_sync(_commit_and_publish, e, limiter=self.limiter)
                 except VdiskError as exc:
                     log.error("%s: periodic commit failed: %s", e.name, describe(exc))
 
