@@ -158,6 +158,22 @@ class Loc:
     cks: int
 
 
+def _opt_size(options: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    """An integer option (sizes may be given as 4M, 256K, ...), within [lo, hi]."""
+    v = options.get(key, default)
+    if isinstance(v, str):
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        t = v.strip().upper().removesuffix("B").removesuffix("I")
+        mult = units.get(t[-1:], 1)
+        t = t[:-1] if t[-1:] in units else t
+        if not t.isdigit():
+            raise UsageError(f"{FORMAT}: option {key}={v!r} is not a number or size")
+        v = int(t) * mult
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise UsageError(f"{FORMAT}: option {key}={v!r} outside {lo}..{hi}")
+    return v
+
+
 def _check_size(where: str, size: int, cs: int) -> None:
     limit = min(MAX_GUEST_SIZE, MAX_PAGES * PAGE_ENTRIES * cs)
     if size < 0 or size > limit:
@@ -359,20 +375,20 @@ class RemoteDriver(Driver):
         self.readonly = readonly
         self.options = options
         self._apply(manifest)
-        self.pack_size = int(options.get("pack_size", DEFAULT_PACK_SIZE))
-        self.readahead = int(options.get("readahead", DEFAULT_READAHEAD))
+        self.pack_size = _opt_size(options, "pack_size", DEFAULT_PACK_SIZE, 64 << 10, 64 << 20)
+        self.readahead = _opt_size(options, "readahead", DEFAULT_READAHEAD, 0, 64 << 20)
         self.dedup = bool(options.get("dedup", True))
         self.compress = bool(options.get("compress", True))
-        if not 64 << 10 <= self.pack_size <= 64 << 20:
-            raise UsageError(f"{self.name}: pack_size {self.pack_size} outside 64K..64M")
+        workers = _opt_size(options, "workers", 8, 1, 64)
+        cache_bytes = options.get("cache_bytes")
         self.cache = cache or LocalCache(
             options.get("cache_dir"),
-            int(options["cache_bytes"]) if "cache_bytes" in options else None,
+            None if cache_bytes is None else _opt_size(options, "cache_bytes", 0, 0, 1 << 50),
         )
         self._owns_cache = cache is None
         self._owns_executor = executor is None
         self.executor = executor or ThreadPoolExecutor(
-            max_workers=int(options.get("workers", 8)), thread_name_prefix="vdisk-s3"
+            max_workers=workers, thread_name_prefix="vdisk-s3"
         )
         self.pages_lru: LRU[int, bytearray] = LRU(32 << 20)
         self.dirty: dict[int, bytearray] = {}
@@ -440,13 +456,11 @@ class RemoteDriver(Driver):
     def open(cls, storage: Storage, *, readonly: bool, options: dict[str, Any]) -> RemoteDriver:
         st = cls._storage(storage)
         reject_unknown_options(FORMAT, options, OPTIONS)
-        pin = options.get("manifest") or st.pin
+        pin = _opt_size(options, "manifest", 0, 1, 10**10 - 1) if "manifest" in options else st.pin
         if pin is not None:
             if not readonly:
                 raise UsageError(f"{st.path}: a pinned manifest can only be opened read-only")
-            return cls(
-                st, load_manifest(st.client, st.name, int(pin)), readonly=True, options=options
-            )
+            return cls(st, load_manifest(st.client, st.name, pin), readonly=True, options=options)
         numbers = list_manifests(st.client, st.name)
         if not numbers:
             raise ImageNotFound(f"{st.path}: no such image (no manifest under images/{st.name}/)")
