@@ -129,6 +129,7 @@ def test_info_list_and_default_export(serve, tmp_path: Path) -> None:
     assert names["a.raw"]["export-size"] == 4 * MiB
     assert names["a.raw"]["can_multi_conn"] and not names["a.raw"]["is_read_only"]
     assert names["a.raw"]["block_size_maximum"] == 32 * MiB
+    assert names["b.img"]["contexts"] == ["base:allocation"]  # NBD_OPT_LIST_META_CONTEXT
     # two images: no default export
     assert run(["qemu-img", "info", s.url()], check=False).returncode != 0
     one = serve(make_raw(tmp_path / "c.raw", 4 * MiB))
