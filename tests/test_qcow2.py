@@ -779,3 +779,52 @@ def test_compact_releases_free_space(tmp_path):
     assert os.path.getsize(path) <= size_before - 2 * MiB
     qimg("check", path)
     qio(path, "read -P 0 0 1M", "read -P 1 1M 1M", "read -P 0 6M 2M")
+
+
+def test_fuzzed_metadata_gives_only_vdisk_errors(tmp_path):
+    """Random damage to the header, L1, L2, refcount and snapshot tables: every outcome is
+    data or a VdiskError (never another exception), and the work stays bounded."""
+    a, b = str(tmp_path / "a.qcow2"), str(tmp_path / "b.qcow2")
+    qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", a, "3M")
+    qio(a, "write -P 1 0 300k", "write -z 1M 64k", "write -c -P 3 2M 4k")
+    qimg("snapshot", "-c", "s", a)
+    qio(a, "write -P 2 100k 10k")
+    qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=16k,extended_l2=on", b, "2M")
+    qio(b, "write -P 1 0 3k", "write -P 1 40k 100k")
+    bases = [Path(a).read_bytes(), Path(b).read_bytes()]
+
+    def regions(img: bytes) -> list[tuple[int, int]]:
+        l1, rt, snap = (struct.unpack_from(">Q", img, o)[0] for o in (40, 48, 64))
+        l2 = struct.unpack_from(">Q", img, l1)[0] & 0x00FFFFFFFFFFFE00
+        rb = struct.unpack_from(">Q", img, rt)[0]
+        out = [(0, 200), (l1, 64), (rt, 64), (l2, 512), (rb, 512)]
+        return [*out, (snap, 120)] if snap else out
+
+    rng = random.Random(2024)
+    outcomes = {"ok": 0, "error": 0}
+    for _ in range(150):
+        base = rng.choice(bases)
+        data = bytearray(base)
+        regs = regions(base)
+        for _ in range(rng.randint(1, 4)):
+            start, n = rng.choice(regs)
+            i = start + rng.randrange(n)
+            data[i] = (
+                rng.randrange(256) if rng.random() < 0.5 else data[i] ^ (1 << rng.randrange(8))
+            )
+        try:
+            d = Qcow2Driver.open(MemoryStorage("fuzz", bytes(data)), readonly=False, options={})
+            size = min(d.size, 4 * MiB)
+            d.read(0, size)
+            d.block_status(0, d.size)
+            for s in d.list_snapshots():
+                d.open_snapshot(s.name).read(0, min(size, MiB))
+            d.check()
+            d.write(rng.randrange(max(1, size - 70000)), b"z" * 70000)
+            d.write_zeroes(0, min(size, 65536))
+            d.check(repair=True)
+            d.close()
+            outcomes["ok"] += 1
+        except VdiskError:
+            outcomes["error"] += 1
+    assert outcomes["ok"] > 10 and outcomes["error"] > 10
