@@ -324,18 +324,23 @@ def _on_alarm(signum: int, frame: Any) -> None:
     raise Hang()
 
 
-def exercise(path: str, fmt: str | None) -> str:
+def exercise(path: str, fmt: str | None, state: dict[str, Any] | None = None) -> str:
     """Open read-only, read the whole disk (samples past READ_CAP), block_status, info,
     snapshots, check. Returns "ok"; a VdiskError propagates; a broken contract is an
-    AssertionError."""
+    AssertionError. ``state`` gets the step reached ("phase") and, for a disk read whole,
+    a digest of its content ("content")."""
     import vdisk
 
+    st: dict[str, Any] = {} if state is None else state
+    st["phase"] = "open"
     with vdisk.open(
         path, format=fmt, readonly=True, force_share=True, cache_mb=4, commit_interval=None
     ) as d:
+        st["phase"] = "info"
         size = d.size
         assert isinstance(size, int) and size >= 0, f"size {size!r}"
         d.info()
+        st["phase"] = "block_status"
         ext = d.block_status(0, size) if size else []
         pos = 0
         for e in ext:
@@ -354,18 +359,26 @@ def exercise(path: str, fmt: str | None) -> str:
                     n = min(e.length, budget, M)
                     ranges.append((e.offset, n))
                     budget -= n
+        st["phase"] = "read"
+        h = hashlib.blake2b(digest_size=16)
         for off, n in ranges:
             got = d.read(off, n)
             assert len(got) == n, f"read({off}, {n}) returned {len(got)} bytes"
+            h.update(got)
+        if size <= READ_CAP:
+            st["content"] = h.hexdigest()
         # a read across a cluster boundary, which a driver may serve differently
         if size > 2 * d.cluster_size:
             off = d.cluster_size - 100
             assert len(d.read(off, 200)) == 200
+        st["phase"] = "snapshots"
         for s in d.snapshots.list():
             with d.snapshots.open(s.name) as view:
                 view.read(0, min(view.size, M))
                 view.block_status(0, min(view.size, 64 * M))
+        st["phase"] = "check"
         d.check()
+    st["phase"] = "done"
     return "ok"
 
 
@@ -385,8 +398,10 @@ def run_one(path: str, fmt: str | None, timeout: float) -> dict[str, Any]:
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.setitimer(signal.ITIMER_REAL, timeout)
     t0 = time.monotonic()
+    state: dict[str, Any] = {}
+    res: dict[str, Any]
     try:
-        exercise(path, fmt)
+        exercise(path, fmt, state)
         res = {"outcome": "ok"}
     except Hang:
         res = {"outcome": "hang", "detail": traceback.format_exc(limit=-8)}
@@ -401,6 +416,7 @@ def run_one(path: str, fmt: str | None, timeout: float) -> dict[str, Any]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
     res["seconds"] = round(time.monotonic() - t0, 3)
+    res.update(state)
     if res["outcome"] in ("ok", "error") and _digest(path) != before:
         res = {"outcome": "modified", "detail": "a read-only open changed the image file"}
     return res
@@ -419,6 +435,54 @@ def worker_main() -> None:
         res = run_one(job["path"], job["fmt"], jobs["timeout"])
         res["i"] = i
         print(json.dumps(res), flush=True)
+
+
+def cli_worker_main() -> None:
+    """Run many `vdisk` command lines in one process (JSON list of argv on stdin), each
+    through the real entry point with its own stderr; prints one JSON list of results.
+    Saves a Python start-up per command where a test runs dozens of them."""
+    import contextlib
+    import io
+    import logging
+
+    from vdisk.cli import main as vdisk_main
+
+    out = []
+    for argv in json.load(sys.stdin):
+        err, std = io.StringIO(), io.StringIO()
+        logging.getLogger("vdisk").handlers.clear()
+        code: Any = 0
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(std):
+            try:
+                vdisk_main(argv)
+            except SystemExit as e:
+                code = e.code
+            except BaseException:
+                traceback.print_exc()
+                code = "traceback"
+        out.append({"argv": argv, "exit": code, "stderr": err.getvalue(), "stdout": std.getvalue()})
+    logging.getLogger("vdisk").handlers.clear()
+    print(json.dumps(out))
+
+
+def run_cli_batch(argvs: list[list[str]], *, timeout: float = 300) -> list[dict[str, Any]]:
+    """Results ({"argv", "exit", "stderr", "stdout"}) of ``vdisk ARGV...`` for each argv."""
+    here = os.path.abspath(__file__)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(here)), env.get("PYTHONPATH", "")]
+    )
+    p = subprocess.run(
+        [sys.executable, here, "--cli-worker"],
+        input=json.dumps(argvs),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    if p.returncode != 0:
+        raise RuntimeError(f"CLI worker failed ({p.returncode}): {p.stderr[-3000:]}")
+    return json.loads(p.stdout)
 
 
 BAD = ("exception", "memory", "hang", "crash", "contract", "modified")
@@ -600,6 +664,7 @@ def run_atheris(seed: Seed, out_dir: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--cli-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument(
         "--formats", default="", help="seed names, comma-separated: " + ",".join(seed_names())
     )
@@ -620,6 +685,9 @@ def main() -> int:
     a = ap.parse_args()
     if a.worker:
         worker_main()
+        return 0
+    if a.cli_worker:
+        cli_worker_main()
         return 0
     if a.replay:
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
