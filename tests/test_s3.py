@@ -592,3 +592,64 @@ def test_local_cache_stays_bounded(s3env: str, tmp_path: Path) -> None:
     assert st["bytes"] <= limit and st["evictions"] >= 1
     on_disk = sum(f.stat().st_blocks * 512 for f in (tmp_path / "cache" / "packs").iterdir())
     assert on_disk <= limit + (256 << 10)  # the bound, plus at most the pack being filled
+
+
+def test_hostile_objects_give_clear_errors(s3env: str) -> None:
+    """Manifests, pages and entries crafted to lie: a clear error each, nothing huge."""
+    from vdisk.errors import CorruptImage
+
+    c = _client(f"{s3env}/x")
+    c.ensure_bucket()
+
+    def manifest(name: str, **over: object) -> dict:
+        m = {
+            "format": "vdisk-s3",
+            "version": 1,
+            "name": name,
+            "number": 1,
+            "parent": 0,
+            "uuid": "0" * 32,
+            "created": 0.0,
+            "size": 1 << 20,
+            "cluster_size": 65536,
+            "pages": [None],
+            "snapshots": [],
+            "backing": None,
+        }
+        m.update(over)
+        return m
+
+    cases = {
+        "huge": manifest("huge", size=1 << 60, pages=[]),
+        "pages": manifest("pages", pages=[None, None]),
+        "cluster": manifest("cluster", cluster_size=3000),
+        "snap": manifest("snap", snapshots=[{"name": "s", "id": 1, "manifest": 9}]),
+        "number": manifest("number", number=7),
+    }
+    for name, m in cases.items():
+        c.put(remote.manifest_key(name, 1), remote.encode_manifest(m))
+        with pytest.raises(CorruptImage):
+            api.open(f"{s3env}/{name}", readonly=True)
+    c.put(
+        remote.manifest_key("badsum", 1), remote.encode_manifest(manifest("badsum"))[:-3] + b"00\n"
+    )
+    c.put(remote.manifest_key("json", 1), b"[[[[" * 100000 + b"\n0000000000000000\n")
+    for name in ("badsum", "json"):
+        p = vdisk_cli("info", f"{s3env}/{name}", check=False)
+        assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    # a page that checks out but whose entry lies about its length and codec
+    bad = remote.ENTRY.pack(bytes(16), 0, 1 << 30, 9, remote.FLAG_DATA, 0, 0, bytes(16))
+    raw = bad + bytes(remote.PAGE_BYTES - len(bad))
+    pid = uuid.uuid4().hex
+    c.put(f"pages/{pid}", remote.encode_page(raw))
+    ref = [pid, remote.content_key(raw).hex()]
+    c.put(remote.manifest_key("entry", 1), remote.encode_manifest(manifest("entry", pages=[ref])))
+    with api.open(f"{s3env}/entry", readonly=True) as d:
+        with pytest.raises(CorruptImage, match="stored length"):
+            d.read(0, 4096)
+        assert d.check().exit_code == 2
+    # a page whose bytes do not match the manifest's xxh3-128
+    ref2 = [pid, "0" * 32]
+    c.put(remote.manifest_key("page", 1), remote.encode_manifest(manifest("page", pages=[ref2])))
+    with api.open(f"{s3env}/page", readonly=True) as d, pytest.raises(ChecksumMismatch):
+        d.read(0, 4096)
