@@ -385,7 +385,8 @@ class _Connection:
                     await self.send(*out)
                     out.clear()
                     out_bytes = 0
-                await r.fill(28)
+                if len(r.buf) - r.pos < 28:
+                    await r.fill(28)
                 magic, flags, cmd, cookie, offset, length = req.unpack_from(r.buf, r.pos)
                 r.pos += 28
                 if magic != P.REQUEST_MAGIC:
@@ -418,7 +419,7 @@ class _Connection:
                 if problem is not None:
                     parts = self.error_parts(cookie, cmd, *problem)
                     out += parts
-                    out_bytes += sum(len(x) for x in parts)
+                    out_bytes += _nbytes(parts)
                     continue
                 work = self.work(export, cmd, flags, offset, length, data)
                 if self.inline_ok(export, cmd, flags, length):
@@ -438,7 +439,7 @@ class _Connection:
                     if outcome is not _BUSY:
                         parts = self.reply_parts(cookie, cmd, offset, length, outcome)
                         out += parts
-                        out_bytes += sum(len(x) for x in parts)
+                        out_bytes += _nbytes(parts)
                         continue
                 if out:
                     await self.send(*out)
@@ -569,6 +570,13 @@ class _Connection:
 
     async def fail(self, cookie: int, cmd: int, err: int, message: str) -> None:
         await self.send(*self.error_parts(cookie, cmd, err, message))
+
+
+def _nbytes(parts: list[bytes]) -> int:
+    n = 0
+    for p in parts:
+        n += len(p)
+    return n
 
 
 def _commit_due(disk: Any) -> bool:
