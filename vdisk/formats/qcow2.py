@@ -364,7 +364,7 @@ class Qcow2Driver(Driver):
             order=order,
             table_offset=rt_off,
             table_clusters=rt_clusters,
-            cache_bytes=int(options.get("refcount_cache_size", DEFAULT_REFCOUNT_CACHE)),
+            cache_bytes=_int_option(path, options, "refcount_cache_size", DEFAULT_REFCOUNT_CACHE),
         )
         if nb_snap > MAX_SNAPSHOTS:
             raise CorruptImage(f"{path}: nb_snapshots {nb_snap} over the limit {MAX_SNAPSHOTS}")
@@ -375,7 +375,7 @@ class Qcow2Driver(Driver):
         self._bad_blocks: set[int] = set()  # refcount blocks check found invalid
 
         self.l2_cache: LRU[int, L2Table] = LRU(
-            int(options.get("l2_cache_size", DEFAULT_L2_CACHE)),
+            _int_option(path, options, "l2_cache_size", DEFAULT_L2_CACHE),
             weigh=lambda t: len(t.data) * 8,
             on_evict=self._l2_evicted,
         )
@@ -952,10 +952,11 @@ class Qcow2Driver(Driver):
                 "lazy_refcounts",
                 "extended_l2",
                 "preallocation",
+                "compression_type",
             ),
         )
         path = storage.path
-        cs = int(options.get("cluster_size") or 65536)
+        cs = _int_option(path, options, "cluster_size", 65536)
         if cs & (cs - 1) or not 1 << MIN_CLUSTER_BITS <= cs <= 1 << MAX_CLUSTER_BITS:
             raise UsageError(f"{path}: qcow2 cluster_size {cs} must be a power of two, 512..2M")
         bits = cs.bit_length() - 1
@@ -963,7 +964,7 @@ class Qcow2Driver(Driver):
         if compat not in ("1.1", "0.10", "v3", "v2"):
             raise UsageError(f"{path}: qcow2 compat {compat!r} (use '0.10' or '1.1')")
         version = 3 if compat in ("1.1", "v3") else 2
-        rbits = int(options.get("refcount_bits") or 16)
+        rbits = _int_option(path, options, "refcount_bits", 16)
         if rbits not in (1, 2, 4, 8, 16, 32, 64) or (version == 2 and rbits != 16):
             raise UsageError(
                 f"{path}: refcount_bits {rbits} (a power of two up to 64; compat 0.10 only 16)"
@@ -975,7 +976,11 @@ class Qcow2Driver(Driver):
             raise UsageError(f"{path}: lazy_refcounts and extended_l2 need compat 1.1")
         if extl2 and cs < 16384:
             raise UsageError(f"{path}: extended_l2 needs a cluster size of at least 16 KiB")
-        if options.get("preallocation") not in (None, "off"):
+        ctype = str(options.get("compression_type") or "zlib")
+        ctypes = {v: k for k, v in COMPRESSION_TYPES.items()}
+        if ctype not in ctypes or (ctype != "zlib" and version == 2):
+            raise UsageError(f"{path}: compression_type {ctype!r} (zlib, or zstd with compat 1.1)")
+        if options.get("preallocation") not in (None, "off", False):
             raise UnsupportedFeature(f"{path}: qcow2 preallocation other than 'off'")
         if size < 0:
             raise UsageError(f"{path}: negative size {size}")
@@ -990,7 +995,7 @@ class Qcow2Driver(Driver):
         if backing is not None and backing.format:
             exts.append((EXT_BACKING_FORMAT, backing.format.encode()))
         exts.append((EXT_FEATURE_TABLE, _feature_table()))
-        incompat = INCOMPAT_EXTL2 if extl2 else 0
+        incompat = (INCOMPAT_EXTL2 if extl2 else 0) | (INCOMPAT_COMPRESSION if ctypes[ctype] else 0)
         compat_bits = COMPAT_LAZY_REFCOUNTS if lazy else 0
 
         epb = cs * 8 // rbits
@@ -1023,6 +1028,8 @@ class Qcow2Driver(Driver):
             "refcount_order": order,
         }
         head = _header_cluster(path, fields, exts, backing.path if backing else None)
+        if version == 3:
+            head = head[:104] + bytes([ctypes[ctype]]) + head[105:]
         storage.truncate(0)
         storage.pwrite(0, head)
         table = zero_array(t * cs // 8)
@@ -1485,6 +1492,17 @@ class Qcow2Driver(Driver):
         if report.corruptions:
             raise CorruptImage(f"{self.path}: cannot rebuild refcounts: {report.corruptions[0]}")
         self.refs.rebuild(counts, n, lambda: None)
+
+
+def _int_option(path: str, options: dict[str, Any], key: str, default: int) -> int:
+    """An integer option (the CLI hands them over as text); a bad one is a UsageError."""
+    value = options.get(key)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{path}: option {key}={value!r} is not an integer") from None
 
 
 def _feature_table() -> bytes:
