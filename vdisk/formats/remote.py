@@ -406,7 +406,7 @@ class RemoteDriver(Driver):
         self._session: dict[bytes, Loc] = {}  # clusters this open stored, by content key
         # packs uploading in the background, and those whose upload failed (kept to retry)
         self._inflight: dict[bytes, tuple[Any, bytes, list[tuple[bytes, Loc]]]] = {}
-        self._failed: dict[bytes, tuple[bytes, list[tuple[bytes, Loc]]]] = {}
+        self._failed: dict[bytes, tuple[Any, bytes, list[tuple[bytes, Loc]]]] = {}
         self._refs: set[bytes] = set()  # packs clusters were mapped to since the last commit
         self._bucket_index: dict[bytes, Loc] | None = None
         self._lock = threading.Lock()  # guards counters touched by worker threads
@@ -644,8 +644,7 @@ class RemoteDriver(Driver):
                 continue
             pending = self._inflight.get(loc.pack) or self._failed.get(loc.pack)
             if pending is not None:
-                buf = pending[1] if len(pending) == 3 else pending[0]
-                got[idx] = buf[loc.offset : loc.offset + loc.length]
+                got[idx] = pending[1][loc.offset : loc.offset + loc.length]
                 continue
             data = (
                 None
@@ -874,13 +873,13 @@ class RemoteDriver(Driver):
         try:
             fut.result()
         except BaseException:
-            self._failed[pack] = (data, entries)  # uploaded again by the next commit
+            self._failed[pack] = (None, data, entries)  # uploaded again by the next commit
             raise
 
     def _drain(self) -> None:
         """Wait for every pack upload (failed ones are tried again first); the first
         failure is raised after all have ended."""
-        for pack, (data, entries) in list(self._failed.items()):
+        for pack, (_none, data, entries) in list(self._failed.items()):
             del self._failed[pack]
             self._submit(pack, data, entries)
         err: BaseException | None = None

@@ -23,6 +23,7 @@ variables or profile (boto3's chain).
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import random
 import re
@@ -36,6 +37,8 @@ from typing import Any, TypeVar
 from vdisk.cache import codec
 from vdisk.errors import CorruptImage, ImageNotFound, StorageError, UsageError
 from vdisk.storage import Storage
+
+log = logging.getLogger("vdisk.s3")
 
 SCHEME = "s3://"
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -451,8 +454,10 @@ class LocalCache:
                     if e.is_file() and not e.name.startswith("."):
                         st = e.stat()
                         found.append((st.st_mtime, e.name, st.st_blocks * 512))
-        except OSError as e:
-            raise StorageError(f"{self.dir}: cannot use as cache directory: {e.strerror}") from None
+        except OSError as e:  # a cache that cannot be used costs speed, not the open
+            log.warning("%s: cannot use as cache directory (%s): caching off", self.dir, e.strerror)
+            self.max_bytes = 0
+            return
         for _, name, size in sorted(found):
             self._files[name] = size
             self.used += size
