@@ -30,6 +30,7 @@ from vdisk.errors import (
     UsageError,
     VdiskError,
 )
+from vdisk.formats import native_snap
 from vdisk.formats.base import (
     BackingRef,
     CheckReport,
@@ -58,7 +59,6 @@ from vdisk.formats.native_layout import (
     MAX_CLUSTER_BITS,
     MAX_GUEST_SIZE,
     MAX_REFCOUNT,
-    MAX_SNAPSHOTS,
     MIN_CLUSTER_BITS,
     NULL_ENTRY,
     RUN,
@@ -967,85 +967,22 @@ class NativeDriver(Driver):
         self.changed = True
         self.flush()
 
-    # -- snapshots ----------------------------------------------------------------------
-
-    def _find_snapshot(self, name: str) -> Snapshot:
-        for s in self.snapshots:
-            if s.name == name:
-                return s
-        for s in self.snapshots:  # qemu-img style: an id works where a name is expected
-            if str(s.id) == name:
-                return s
-        raise UsageError(f"{self.storage.path}: no snapshot named {name!r}")
-
-    def _info(self, s: Snapshot) -> SnapshotInfo:
-        return SnapshotInfo(str(s.id), s.name, s.created, s.size)
+    # -- snapshots (native_snap.py) ----------------------------------------------------
 
     def list_snapshots(self) -> list[SnapshotInfo]:
-        return [self._info(s) for s in self.snapshots]
+        return [native_snap.info(s) for s in self.snapshots]
 
     def create_snapshot(self, name: str) -> SnapshotInfo:
-        self._check_writable()
-        if not name or len(name.encode()) > 1024:
-            raise UsageError(f"{self.storage.path}: snapshot name must be 1..1024 bytes")
-        if any(s.name == name for s in self.snapshots):
-            raise UsageError(f"{self.storage.path}: snapshot {name!r} already exists")
-        if len(self.snapshots) >= MAX_SNAPSHOTS:
-            raise UsageError(f"{self.storage.path}: too many snapshots ({MAX_SNAPSHOTS})")
-        self.flush()  # the snapshot saves the committed root
-        root = self.map.root
-        if root.host:
-            self._incref(root.host >> self.cluster_bits)
-        sid = max((s.id for s in self.snapshots), default=0) + 1
-        snap = Snapshot(sid, name, time.time(), self.size, self.map.depth, root)
-        self.snapshots.append(snap)
-        self.snaps_dirty = True
-        self.changed = True
-        self.flush()
-        return self._info(snap)
+        return native_snap.create(self, name)
 
     def revert_snapshot(self, name: str) -> None:
-        self._check_writable()
-        snap = self._find_snapshot(name)
-        self.flush()
-        if snap.root.host:
-            self._incref(snap.root.host >> self.cluster_bits)
-        old, old_depth = self.map.root, self.map.depth
-        self.map.root, self.map.depth = snap.root, snap.depth
-        self._drop_root(old, old_depth)
-        self.size = snap.size
-        self.changed = True
-        self.flush()
-
-    def _drop_root(self, root: Entry, depth: int) -> None:
-        self._drop(root, depth - 1)
+        native_snap.revert(self, name)
 
     def delete_snapshot(self, name: str) -> None:
-        self._check_writable()
-        snap = self._find_snapshot(name)
-        self.flush()
-        self.snapshots.remove(snap)
-        self._drop_root(snap.root, snap.depth)
-        self.snaps_dirty = True
-        self.changed = True
-        self.flush()
+        native_snap.delete(self, name)
 
     def open_snapshot(self, name: str) -> Driver:
-        snap = self._find_snapshot(name)
-        h = Header(**{f: getattr(self.hdr, f) for f in self.hdr.__dataclass_fields__})
-        h.root, h.depth, h.size = snap.root, snap.depth, snap.size
-        h.host_slots = self.host_slots
-        return NativeDriver(
-            self.storage,
-            readonly=True,
-            options={
-                "commit_interval": 0,
-                "workers": self.workers,
-                "metadata_cache_mb": self.cache_bytes / (1 << 20) / 4,
-            },
-            header=h,
-            view_of=self,
-        )
+        return native_snap.open_view(self, name)
 
     # -- information ----------------------------------------------------------------------
 
