@@ -8,7 +8,8 @@ is overwritten: a commit writes new tables elsewhere, syncs, and switches roots 
 writing the other of two header copies with generation + 1.
 
 Module map: native_layout.py (structs, header), native_tree.py (the CoW radix tree),
-this file (the driver: allocation, mapping, commit, snapshots, check).
+native_snap.py (snapshots), native_check.py (check, repair, compact),
+this file (the driver: allocation and refcounts, mapping, I/O, commit, backing).
 """
 
 from __future__ import annotations
