@@ -461,7 +461,7 @@ def test_check_repairs_corruption_by_rebuild(tmp_path):
     qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", path, "1M")
     qio(path, "write -P 1 0 100k")
     with closing(opened(path, readonly=False)) as d:
-        d.refs.set(20, 0)  # a cluster in use now looks free
+        d.refs.set_count(20, 0)  # a cluster in use now looks free
     assert qimg("check", path, check=False).returncode == 2
     with closing(opened(path)) as d:
         assert d.check().exit_code == 2
@@ -725,7 +725,7 @@ def test_allocation_never_overwrites_metadata_of_a_corrupt_image(tmp_path):
     qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", path, "1M")
     qio(path, "write -P 1 0 8k")
     with closing(opened(path, readonly=False)) as d:
-        d.refs.set(d.l1_offset // 4096, 0)  # the L1 table's cluster now looks free
+        d.refs.set_count(d.l1_offset // 4096, 0)  # the L1 table's cluster now looks free
     before = Path(path).read_bytes()
     d = opened(path, readonly=False)
     with pytest.raises(CorruptImage, match="holds the L1 table"):

@@ -70,7 +70,7 @@ from vdisk.storage import Storage
 try:  # zstd-compressed clusters need the optional zstandard module
     import zstandard
 except ImportError:  # pragma: no cover - depends on the installation
-    zstandard = None
+    zstandard = None  # type: ignore[assignment]
 
 # -- on-disk structures (qcow2.txt "Header") ---------------------------------------------
 
@@ -1444,7 +1444,7 @@ class Qcow2Driver(Driver):
                 repaired = ["rebuilt the refcount structures", *report.corruptions, *report.leaks]
             else:
                 for c, want in leaks:
-                    self.refs.set(c, want)
+                    self.refs.set_count(c, want)
                 self.refs.write_dirty()
                 self.io.barrier()
                 repaired = [*report.leaks, *report.corruptions]

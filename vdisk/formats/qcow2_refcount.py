@@ -204,7 +204,7 @@ class Refcounts:
         blk = self._load_block(ti)
         return 0 if blk is None else self._get(blk.buf, i)
 
-    def set(self, cluster: int, value: int) -> None:
+    def set_count(self, cluster: int, value: int) -> None:
         if value > self.max_refcount:
             raise UnsupportedFeature(
                 f"{self.path}: refcount of cluster {cluster} would be {value}, over the "
@@ -227,7 +227,7 @@ class Refcounts:
                 f"{self.path}: refcount of cluster {cluster} (offset {cluster * self.cs:#x}) "
                 f"would drop below zero (it is {old})"
             )
-        self.set(cluster, new)
+        self.set_count(cluster, new)
         if new == 0 and 0 < cluster < self.hint:
             self.hint = cluster
         return new
@@ -286,7 +286,7 @@ class Refcounts:
     def alloc(self) -> int:
         """Allocate one cluster (refcount 1); returns its host offset."""
         c = self.find_free()
-        self.set(c, 1)
+        self.set_count(c, 1)
         return c * self.cs
 
     def alloc_contiguous(self, n: int) -> int:
@@ -296,7 +296,7 @@ class Refcounts:
         self.alloc_end = start + n
         try:
             for c in range(start, start + n):
-                self.set(c, 1)
+                self.set_count(c, 1)
         finally:
             self.reserved = (0, 0)
         return start * self.cs
