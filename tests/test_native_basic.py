@@ -504,3 +504,45 @@ def test_deep_trees_and_multi_slot_blobs() -> None:
     d = NativeDriver.open(st, readonly=True, options={})
     assert d.size == 8 << 20 and d.read(0, 8 << 20) == expect[: 8 << 20]
     assert d.check().exit_code == 0
+
+
+def test_random_hostile_headers_only_raise_vdisk_errors() -> None:
+    """Headers with random field values and valid checksums: every outcome is an image
+    that works or a VdiskError (never another exception, never a hang)."""
+    from vdisk.errors import VdiskError
+
+    rng = random.Random(11)
+    buf = _image()
+
+    def entry() -> L.Entry:
+        host = rng.choice([0, 4096 * rng.randrange(100), rng.getrandbits(64)])
+        length = rng.choice([0, 100, 4096, rng.getrandbits(32)])
+        return L.Entry(host, length, rng.randrange(3), rng.randrange(3), rng.getrandbits(64), 0)
+
+    gens = {
+        "cluster_bits": lambda: rng.randrange(256),
+        "depth": lambda: rng.randrange(256),
+        "rdepth": lambda: rng.randrange(256),
+        "size": lambda: rng.choice([0, 1, rng.getrandbits(64), 1 << 40]),
+        "host_slots": lambda: rng.choice([0, 1, 2, 50, rng.getrandbits(64)]),
+        "root": entry,
+        "rroot": entry,
+        "snap_table": entry,
+        "deferred": entry,
+        "snap_count": lambda: rng.randrange(5),
+        "deferred_runs": lambda: rng.randrange(5),
+        "backing_kind": lambda: rng.randrange(5),
+    }
+    for _ in range(300):
+        changes = {k: f() for k, f in rng.sample(list(gens.items()), rng.randrange(1, 4))}
+        st = _with_header(buf, **changes)
+        try:
+            d = NativeDriver.open(st, readonly=False, options={"commit_interval": 0})
+            if d.size:
+                d.read(0, min(d.size, 1 << 20))
+                d.block_status(0, d.size)
+                d.write(0, b"z" * 5000)
+            d.check()
+            d.flush()
+        except VdiskError:
+            pass
