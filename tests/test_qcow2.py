@@ -828,3 +828,17 @@ def test_fuzzed_metadata_gives_only_vdisk_errors(tmp_path):
         except VdiskError:
             outcomes["error"] += 1
     assert outcomes["ok"] > 10 and outcomes["error"] > 10
+
+
+def test_mapping_caches_stay_bounded(tmp_path):
+    path = str(tmp_path / "many.qcow2")
+    qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", path, "128M")
+    # one write at every L2 boundary (an L2 table of 4 KiB clusters maps 2 MiB)
+    qio(path, *(f"write -P {i + 1} {i * 2 * MiB - 100} 200" for i in range(1, 64)))
+    with closing(opened(path, l2_cache_size=16384, refcount_cache_size=8192)) as d:
+        for i in range(1, 64):
+            assert d.read(i * 2 * MiB - 100, 200) == bytes([i + 1]) * 200
+        st = d.stats()
+        assert st["l2_cache"]["bytes"] <= 16384 and st["l2_cache"]["evictions"] > 50
+        assert d.check().exit_code == 0
+        assert d.refs.cache.used <= 8192
