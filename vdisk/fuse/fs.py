@@ -9,7 +9,7 @@
     DIR/fs                (only with --fs at the default place) where the guest fs appears
 
 Front ends translate and hold no format logic (DESIGN.md): a FUSE read is ``disk.read``,
-fsync is ``disk.flush``. Errors become ``FUSEError`` in one place, :meth:`DiskFS._call`:
+fsync is ``disk.flush``. Errors become ``FUSEError`` in one place, :func:`_fuse_errors`:
 anything else leaving a handler would end the whole mount loop.
 
 Concurrency (PERFORMANCE.md): a request costs ~42 us and a thread hop ~80 us more, so a
@@ -21,13 +21,14 @@ loop never waits on a lock.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -117,6 +118,25 @@ def _inline(disk: Any, offset: int, length: int, write: bool) -> bool:
     return length <= INLINE_MAX
 
 
+@contextlib.contextmanager
+def _fuse_errors() -> Iterator[None]:
+    """The one error boundary: only FUSEError may leave a handler (anything else would
+    end the whole mount loop). vdisk errors carry their errno."""
+    try:
+        yield
+    except pyfuse3.FUSEError:
+        raise
+    except VdiskError as e:
+        log.error("%s", e)
+        raise pyfuse3.FUSEError(e.errno) from None
+    except OSError as e:
+        log.error("%s", e)
+        raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+    except Exception:
+        log.exception("unexpected error in a disk call")
+        raise pyfuse3.FUSEError(errno.EIO) from None
+
+
 class DiskFS(pyfuse3.Operations):
     """Operations over a disk, its partitions and its snapshots."""
 
@@ -183,9 +203,7 @@ class DiskFS(pyfuse3.Operations):
         """Re-read the partition table after the whole disk was written (sfdisk, dd of an
         image), so p1, p2, ... follow it without a remount. Files still open on a
         partition that went away keep their old window until closed."""
-        found = await self._call(
-            self.disk, 0, 1 << 30, False, scan, self.disk.read, self.disk.size, self.image
-        )
+        found = await self._slow(scan, self.disk.read, self.disk.size, self.image)
         new = sorted((f"p{p.number}", p.offset, p.length) for p in found)
         if new == self._partitions():
             return
@@ -226,9 +244,9 @@ class DiskFS(pyfuse3.Operations):
     async def _call(
         self, disk: Any, offset: int, length: int, write: bool, fn: Callable[..., T], *args: Any
     ) -> T:
-        """Run a disk call inline when it is cheap and the disk is free, else in a thread;
-        turn every error into FUSEError."""
-        try:
+        """Run a disk I/O call inline when it is cheap and the disk is free, else in a
+        thread; turn every error into FUSEError."""
+        with _fuse_errors():
             if _inline(disk, offset, length, write):
                 lock = getattr(disk, "_lock", None)
                 if lock is None:
@@ -239,15 +257,12 @@ class DiskFS(pyfuse3.Operations):
                     finally:
                         lock.release()
             return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
-        except VdiskError as e:
-            log.error("%s", e)
-            raise pyfuse3.FUSEError(e.errno) from None
-        except OSError as e:
-            log.error("%s", e)
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except Exception:
-            log.exception("unexpected error in a disk call")
-            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def _slow(self, fn: Callable[..., T], *args: Any) -> T:
+        """A call that may sync or wait for the disk's lock (flush, open a snapshot):
+        always in a thread; errors turned into FUSEError."""
+        with _fuse_errors():
+            return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
     # -- attributes and the tree ---------------------------------------------------------
 
@@ -367,16 +382,14 @@ class DiskFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EACCES if node.kind == "stats" else errno.EROFS)
         handle = Handle(node, sync=bool(flags & os.O_DSYNC))  # O_SYNC includes O_DSYNC
         if node.kind == "stats":
-            handle.data = await self._call(self.disk, 0, 1 << 30, False, self._stats_bytes)
+            handle.data = await self._slow(self._stats_bytes)
         elif node.kind == "snap" and node.disk is None:
             assert node.snapshot is not None
-            view = await self._call(
-                self.snap_disk, 0, 1 << 30, False, self.snap_disk.snapshots.open, node.snapshot
-            )
+            view = await self._slow(self.snap_disk.snapshots.open, node.snapshot)
             if node.disk is None:
                 node.disk = view
             else:  # another open of the same snapshot won the race while we waited
-                await self._call(view, 0, 1 << 30, False, view.close)
+                await self._slow(view.close)
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = handle
@@ -409,13 +422,13 @@ class DiskFS(pyfuse3.Operations):
         await self._call(disk, pos, n, True, disk.write, pos, data)
         handle.wrote = True
         if handle.sync:  # the kernel does not fsync direct_io writes of O_DSYNC files
-            await self._call(disk, 0, 1 << 30, False, disk.flush)
+            await self._slow(disk.flush)
         return n
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handle(fh)
         if handle.node.writable:
-            await self._call(handle.disk, 0, 1 << 30, False, handle.disk.flush)
+            await self._slow(handle.disk.flush)
 
     async def flush(self, fh: int) -> None:
         """close(2) is not a commit point (fsync is; the periodic commit bounds the rest)."""
@@ -464,7 +477,7 @@ class DiskFS(pyfuse3.Operations):
         pos = node.base + off
         n = node.length - off
         disk = handle.disk
-        extents = await self._call(disk, pos, n, False, disk.block_status, pos, n)
+        extents = await self._slow(disk.block_status, pos, n)
         want_data = whence == os.SEEK_DATA
         for e in extents:
             if (e.kind == Kind.DATA) == want_data:
