@@ -993,13 +993,9 @@ class NativeDriver(Driver):
         return out
 
     def info(self) -> dict[str, Any]:
-        clusters = zero = stored = 0
-        for kind, a, b, e in self._runs(0, -(-self.size // self.cluster_size)):
-            if kind == Kind.DATA and e is not None:
-                clusters += 1
-                stored += e.length
-            elif kind == Kind.ZERO:
-                zero += b - a
+        from vdisk.formats.native_check import usage
+
+        clusters, zero, stored = usage(self)
         h = self.hdr
         out: dict[str, Any] = {
             "cluster_size": self.cluster_size,

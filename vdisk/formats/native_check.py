@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from vdisk.errors import VdiskError
 from vdisk.formats.base import CheckReport
-from vdisk.formats.native_layout import ENTRY, ENTRY_BITS, NULL_ENTRY, Entry
+from vdisk.formats.native_layout import ENTRY, ENTRY_BITS, FLAG_ZERO, NULL_ENTRY, Entry
 
 if TYPE_CHECKING:
     from vdisk.formats.native import NativeDriver
@@ -163,6 +163,49 @@ class _Walker:
         if root is not None:
             node_at(rt.depth - 1, 0, root)
         return stored
+
+
+def usage(drv: NativeDriver) -> tuple[int, int, int]:
+    """(stored clusters, zero clusters, stored bytes) of the live tree, for ``info``.
+
+    Each table is visited once, so a hostile image whose tables alias each other costs
+    the number of distinct tables, not the number of paths to them."""
+    t = drv.map
+    seen: set[int] = set()
+    limit = -(-drv.size // drv.cluster_size)
+    clusters = zero = stored = 0
+
+    def walk(node: bytes | bytearray, level: int, key: int) -> None:
+        nonlocal clusters, zero, stored
+        cspan = t.span(level - 1) if level > 0 else 0
+        for j in range(1 << t.fan_bits):
+            first = ((key << t.fan_bits) | j) << cspan
+            if first >= limit:
+                break
+            child = t.dirty.get((level - 1, (key << t.fan_bits) | j)) if level else None
+            if child is not None:
+                walk(child, level - 1, (key << t.fan_bits) | j)
+                continue
+            off = j << ENTRY_BITS
+            if node[off : off + ENTRY.size] == NULL_ENTRY:
+                continue
+            e = Entry.unpack(node, off)
+            if e.host == 0:
+                if e.flags & FLAG_ZERO:
+                    zero += min(1 << cspan, limit - first)
+            elif level == 0:
+                clusters += 1
+                stored += e.length
+            elif e.host not in seen:
+                seen.add(e.host)
+                walk(t.load(e, level - 1), level - 1, (key << t.fan_bits) | j)
+
+    root, flags = t._root_node()
+    if root is not None:
+        walk(root, t.depth - 1, 0)
+    elif flags & FLAG_ZERO:
+        zero = limit
+    return clusters, zero, stored
 
 
 def check(drv: NativeDriver, *, repair: bool) -> CheckReport:
