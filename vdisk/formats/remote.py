@@ -522,8 +522,18 @@ class RemoteDriver(Driver):
             "snapshots": [],
             "backing": brec,
         }
-        if not st.client.put(manifest_key(st.name, 1), encode_manifest(m), if_none_match=True):
+        key, body = manifest_key(st.name, 1), encode_manifest(m)
+        if not st.client.put(key, body, if_none_match=True):
             raise VdiskError(f"{st.path}: already exists (refusing to overwrite)")
+        # the commit protocol rests on conditional PUTs: refuse a store that ignores them
+        # (the probe writes the same bytes again, so even there nothing changes)
+        if st.client.put(key, body, if_none_match=True, adopt=False):
+            st.client.delete(key)
+            raise UnsupportedFeature(
+                f"{st.client.where(key)}: this store ignores 'If-None-Match: *' on PUT, "
+                "so two writers could lose updates; vdisk-s3 needs conditional PUTs "
+                "(AWS S3, SeaweedFS, MinIO and Ceph RGW releases since 2024 have them)"
+            )
 
     # -- the map ---------------------------------------------------------------------
 

@@ -267,9 +267,12 @@ class S3Client:
                 )
         return data
 
-    def put(self, key: str, data: bytes, *, if_none_match: bool = False) -> bool:
+    def put(
+        self, key: str, data: bytes, *, if_none_match: bool = False, adopt: bool = True
+    ) -> bool:
         """Store an object. With ``if_none_match``, create it only if no object has the key:
-        False means another writer got there first (HTTP 412)."""
+        False means another writer got there first (HTTP 412). With ``adopt``, a 412 after a
+        retry whose object holds exactly ``data`` is our own lost answer: True."""
         from botocore.exceptions import ClientError
 
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": data}
@@ -287,7 +290,7 @@ class S3Client:
                 if if_none_match and status == 412:
                     # after a retry, the object may be our own earlier attempt whose answer
                     # was lost: that is a success, not a lost race
-                    return tries[0] > 1 and self.get(key) == data
+                    return adopt and tries[0] > 1 and self.get(key) == data
                 raise
 
         ok = self._call("PUT", key, run)
