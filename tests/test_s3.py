@@ -653,3 +653,30 @@ def test_hostile_objects_give_clear_errors(s3env: str) -> None:
     c.put(remote.manifest_key("page", 1), remote.encode_manifest(manifest("page", pages=[ref2])))
     with api.open(f"{s3env}/page", readonly=True) as d, pytest.raises(ChecksumMismatch):
         d.read(0, 4096)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse"
+)
+def test_mount_a_remote_image(s3env: str, tmp_path: Path) -> None:
+    url = f"{s3env}/mounted"
+    api.create(url, 4 << 20)
+    with api.open(url) as d:
+        d.write(0, pattern(0, 4 << 20, seed=21))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    vdisk_cli("mount", url, str(mnt), "-b", timeout=60)
+    try:
+        disk = mnt / "disk"
+        assert disk.read_bytes() == pattern(0, 4 << 20, seed=21)
+        fd = os.open(disk, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"\xee" * 100000, 65536 - 50000)  # across clusters
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        vdisk_cli("umount", str(mnt), timeout=120)
+    with api.open(url, readonly=True) as d:
+        assert d.read(65536 - 50000, 100000) == b"\xee" * 100000
+        assert d.read(200000, 1000) == pattern(200000, 1000, seed=21)
