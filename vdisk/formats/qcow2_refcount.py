@@ -419,6 +419,22 @@ class Refcounts:
             wrote = True
         return wrote
 
+    def block_counts(self, ti: int) -> array | None:
+        """All refcounts of block ``ti`` as an array('Q') (None where there is no block),
+        decoded in bulk for the widths that are whole bytes: check compares whole blocks."""
+        blk = self._load_block(ti)
+        if blk is None:
+            return None
+        bits = self.bits
+        if bits >= 8:
+            code = {8: "B", 16: "H", 32: "I", 64: "Q"}[bits]
+            a = array(code)
+            a.frombytes(bytes(blk.buf))
+            if _LITTLE and bits > 8:
+                a.byteswap()
+            return a if code == "Q" else array("Q", a)
+        return array("Q", (self._get(blk.buf, i) for i in range(self.entries_per_block)))
+
     def metadata_clusters(self, skip: set[int] | frozenset[int] = frozenset()) -> list[int]:
         """Clusters holding the refcount table and blocks (but not blocks in ``skip``)."""
         cs = self.cs
