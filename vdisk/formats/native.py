@@ -215,7 +215,7 @@ class NativeDriver(Driver):
             self._rc_cow,
         )  # fmt: skip
         self.txn_new: set[int] = set()  # slots allocated since the last commit
-        self.deferred: list[int] = []  # slots released in this transaction (freed next commit)
+        self.deferred: set[int] = set()  # slots released in this transaction (freed next commit)
         self.prev_deferred = Runs()  # the last commit's deferred-free list
         self.quarantine = Runs()  # freed by the commit in progress: reuse after it
         self.free_hint = self.first_slot
@@ -401,7 +401,12 @@ class NativeDriver(Driver):
             self._rc_set(slot, 0)
             self.free_hint = min(self.free_hint, slot)
         else:
-            self.deferred.append(slot)
+            if slot in self.deferred:
+                raise CorruptImage(
+                    f"{self.storage.path}: host offset {slot << self.cluster_bits} is "
+                    "referenced more often than its refcount says (run check)"
+                )
+            self.deferred.add(slot)
         self.changed = True
 
     def _drop(self, e: Entry, child_level: int) -> None:
@@ -889,7 +894,7 @@ class NativeDriver(Driver):
         # 6. the new state is durable
         self.generation = gen
         self.prev_deferred = Runs.from_pairs(runs)
-        self.deferred = []
+        self.deferred = set()
         self.txn_new.clear()
         if len(self.quarantine):
             self.free_hint = min(self.free_hint, int(self.quarantine.starts[0]))

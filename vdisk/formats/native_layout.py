@@ -414,7 +414,7 @@ class Runs:
         return None
 
 
-def pack_runs(slots: list[int]) -> list[tuple[int, int]]:
+def pack_runs(slots: set[int] | list[int]) -> list[tuple[int, int]]:
     """Sorted slot numbers -> (first, count) runs."""
     runs: list[tuple[int, int]] = []
     for s in sorted(slots):
