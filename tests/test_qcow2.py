@@ -124,11 +124,17 @@ def test_read_qemu_images(tmp_path, cs, opts):
     cmds.append(f"write -z {zero_at + 512} 1024")
     m.write(zero_at + 512, 1024, None)
     qio(path, *cmds)
+    raw = str(tmp_path / "a.raw")
+    qimg("convert", "-O", "raw", path, raw)  # qemu's own reading, as the reference
     d = opened(path)
     try:
-        for _b, off, n in writes:
-            lo, hi = max(0, off - cs - 123), min(size, off + n + cs + 77)
-            assert d.read(lo, hi - lo) == m.read(lo, hi - lo), (off, n)
+        with open(raw, "rb") as ref:
+            for _b, off, n in writes:
+                lo, hi = max(0, off - cs - 123), min(size, off + n + cs + 77)
+                got = d.read(lo, hi - lo)
+                assert got == m.read(lo, hi - lo), (off, n)
+                ref.seek(lo)
+                assert got == ref.read(hi - lo), (off, n)
         # a whole window across the L2 boundary in one read
         lo = max(0, span - 3 * cs)
         hi = min(size, span + 3 * cs)
