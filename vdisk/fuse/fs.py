@@ -9,7 +9,7 @@
     DIR/fs                (only with --fs at the default place) where the guest fs appears
 
 Front ends translate and hold no format logic (DESIGN.md): a FUSE read is ``disk.read``,
-fsync is ``disk.flush``. Errors become ``FUSEError`` in one place, :func:`_fuse_errors`:
+fsync is ``disk.flush``. Errors become ``FUSEError`` in one place, :func:`_to_fuse_error`:
 anything else leaving a handler would end the whole mount loop.
 
 Concurrency (PERFORMANCE.md): a request costs ~42 us and a thread hop ~80 us more, so a
@@ -21,14 +21,13 @@ loop never waits on a lock.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -118,23 +117,19 @@ def _inline(disk: Any, offset: int, length: int, write: bool) -> bool:
     return length <= INLINE_MAX
 
 
-@contextlib.contextmanager
-def _fuse_errors() -> Iterator[None]:
-    """The one error boundary: only FUSEError may leave a handler (anything else would
+def _to_fuse_error(e: Exception) -> pyfuse3.FUSEError:
+    """The one error mapping: only FUSEError may leave a handler (anything else would
     end the whole mount loop). vdisk errors carry their errno."""
-    try:
-        yield
-    except pyfuse3.FUSEError:
-        raise
-    except VdiskError as e:
+    if isinstance(e, pyfuse3.FUSEError):
+        return e
+    if isinstance(e, VdiskError):
         log.error("%s", e)
-        raise pyfuse3.FUSEError(e.errno) from None
-    except OSError as e:
+        return pyfuse3.FUSEError(e.errno)
+    if isinstance(e, OSError):
         log.error("%s", e)
-        raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-    except Exception:
-        log.exception("unexpected error in a disk call")
-        raise pyfuse3.FUSEError(errno.EIO) from None
+        return pyfuse3.FUSEError(e.errno or errno.EIO)
+    log.error("unexpected error in a disk call", exc_info=e)
+    return pyfuse3.FUSEError(errno.EIO)
 
 
 class DiskFS(pyfuse3.Operations):
@@ -245,24 +240,27 @@ class DiskFS(pyfuse3.Operations):
         self, disk: Any, offset: int, length: int, write: bool, fn: Callable[..., T], *args: Any
     ) -> T:
         """Run a disk I/O call inline when it is cheap and the disk is free, else in a
-        thread; turn every error into FUSEError."""
-        with _fuse_errors():
-            if _inline(disk, offset, length, write):
-                lock = getattr(disk, "_lock", None)
-                if lock is None:
+        thread; turn every error into FUSEError. (The hot path of every read and write:
+        the inline case avoids even the context manager of :meth:`_slow`.)"""
+        if _inline(disk, offset, length, write):
+            lock = getattr(disk, "_lock", None)
+            if lock is None or lock.acquire(blocking=False):
+                try:
                     return fn(*args)
-                if lock.acquire(blocking=False):
-                    try:
-                        return fn(*args)
-                    finally:
+                except Exception as e:
+                    raise _to_fuse_error(e) from None
+                finally:
+                    if lock is not None:
                         lock.release()
-            return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        return await self._slow(fn, *args)
 
     async def _slow(self, fn: Callable[..., T], *args: Any) -> T:
         """A call that may sync or wait for the disk's lock (flush, open a snapshot):
         always in a thread; errors turned into FUSEError."""
-        with _fuse_errors():
+        try:
             return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        except Exception as e:
+            raise _to_fuse_error(e) from None
 
     # -- attributes and the tree ---------------------------------------------------------
 
