@@ -594,8 +594,11 @@ def test_local_cache_stays_bounded(s3env: str, tmp_path: Path) -> None:
 
 def test_hostile_objects_give_clear_errors(s3env: str) -> None:
     """Manifests, pages and entries crafted to lie: a clear error each, nothing huge."""
-    from vdisk.errors import CorruptImage
+    from vdisk.errors import CorruptImage, UsageError
 
+    for bad in ("s3://A_/x", "s3://ok-bucket/../x", "s3://ok-bucket/", "s3://ok-bucket/x@y"):
+        with pytest.raises(UsageError):
+            api.open(bad, readonly=True)
     c = _client(f"{s3env}/x")
     c.ensure_bucket()
 
