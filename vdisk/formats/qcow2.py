@@ -504,7 +504,19 @@ class Qcow2Driver(Driver):
 
     def _cluster_pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
         cs = self.cluster_size
-        for gidx, within, n in cluster_spans(offset, length, cs):
+        span = cs * self.l2_entries
+        end = offset + length
+        pos = offset
+        while pos < end:
+            gidx, within = divmod(pos, cs)
+            l1i = gidx // self.l2_entries
+            if l1i >= len(self.l1) or not self.l1[l1i] & L1E_OFFSET_MASK:
+                nxt = min((l1i + 1) * span, end)  # a whole unmapped L2 range: one piece
+                yield HOLE, pos, nxt - pos, 0
+                pos = nxt
+                continue
+            n = min(cs - within, end - pos)
+            pos += n
             goff = gidx * cs + within
             entry, bm = self._entry(gidx)
             if entry & OFLAG_COMPRESSED:
@@ -536,17 +548,17 @@ class Qcow2Driver(Driver):
                 yield HOLE, goff, n, 0
                 continue
             scs = self.subcluster_size
-            pos, end = within, within + n
-            while pos < end:
-                sc = pos // scs
-                m = min((sc + 1) * scs, end) - pos
+            sub, sub_end = within, within + n
+            while sub < sub_end:
+                sc = sub // scs
+                m = min((sc + 1) * scs, sub_end) - sub
                 if alloc >> sc & 1:
-                    yield DATA, gidx * cs + pos, m, host + pos
+                    yield DATA, gidx * cs + sub, m, host + sub
                 elif zero >> sc & 1:
-                    yield ZERO, gidx * cs + pos, m, 0
+                    yield ZERO, gidx * cs + sub, m, 0
                 else:
-                    yield HOLE, gidx * cs + pos, m, 0
-                pos += m
+                    yield HOLE, gidx * cs + sub, m, 0
+                sub += m
 
     def _decompress(self, entry: int) -> bytes:
         if self._comp_cache is not None and self._comp_cache[0] == entry:
