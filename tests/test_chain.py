@@ -15,7 +15,9 @@ from vdisk.api import _open_driver
 from vdisk.errors import BackingMismatch, UnsupportedFeature, UsageError
 from vdisk.formats.base import BackingRef
 
-OVERLAY_FORMATS = [f for f in ("vdisk", "qcow2") if f in formats.names()]
+OVERLAY_FORMATS = [
+    f for f in ("vdisk", "qcow2", "vmdk", "vhd", "vhdx", "vdi", "parallels") if f in formats.names()
+]
 SIZE = 4 << 20
 
 pytestmark = pytest.mark.skipif(not OVERLAY_FORMATS, reason="no format with overlays yet")
