@@ -848,3 +848,19 @@ def test_mapping_caches_stay_bounded(tmp_path):
         assert st["l2_cache"]["bytes"] <= 16384 and st["l2_cache"]["evictions"] > 50
         assert d.check().exit_code == 0
         assert d.refs.cache.used <= 8192
+
+
+def test_huge_sparse_disk(tmp_path):
+    path = str(tmp_path / "huge.qcow2")
+    size = 4 << 40
+    qimg("create", "-q", "-f", "qcow2", path, str(size))
+    qio(path, f"write -P 7 {3 << 40} 1M")
+    with closing(opened(path, readonly=False)) as d:
+        ext = d.block_status(0, size)  # one piece per unmapped L2 range, not per cluster
+        assert [e.kind for e in ext] == [Kind.HOLE, Kind.DATA, Kind.HOLE]
+        assert ext[1].offset == 3 << 40 and ext[1].length == MiB
+        d.write(size - 100000, b"\x08" * 100000)
+        d.discard(0, 1 << 40)
+        assert d.check().exit_code == 0
+    qimg("check", path)
+    qio(path, f"read -P 7 {3 << 40} 1M", f"read -P 8 {size - 100000} 100000")
