@@ -738,6 +738,16 @@ class RemoteDriver(Driver):
         if got is not None:
             return got
         key = f"index/{pack.hex()}"
+        local = self.cache.get_blob(pack.hex())  # indexes are immutable: kept locally too
+        if local is not None:
+            try:
+                entries = decode_index(local, pack, key)
+            except CorruptImage:
+                self.cache.drop_blob(pack.hex())
+            else:
+                with self._lock:
+                    self.pack_idx.put(pack, entries)
+                return entries
         data = self.client.get(key, limit=MAX_INDEX_OBJECT)
         if data is None:
             return None  # condemned by gc, or a pack of a crashed commit: no read-ahead
@@ -746,6 +756,7 @@ class RemoteDriver(Driver):
         except CorruptImage as e:
             log.warning("%s", e)
             return None
+        self.cache.put_blob(pack.hex(), data)
         with self._lock:
             self.pack_idx.put(pack, entries)
         return entries

@@ -597,6 +597,36 @@ class LocalCache:
             except OSError:
                 pass
 
+    def get_blob(self, name: str) -> bytes | None:
+        """A small immutable object kept beside the packs (pack indexes); the caller
+        verifies it (indexes carry their own checksum)."""
+        if self.max_bytes <= 0:
+            return None
+        try:
+            with open(os.path.join(os.path.dirname(self.dir), "index", name), "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def put_blob(self, name: str, data: bytes) -> None:
+        if self.max_bytes <= 0:
+            return
+        d = os.path.join(os.path.dirname(self.dir), "index")
+        try:
+            os.makedirs(d, exist_ok=True)
+            tmp = os.path.join(d, f".{name}.{os.getpid()}.{threading.get_ident()}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, os.path.join(d, name))
+        except OSError:
+            pass
+
+    def drop_blob(self, name: str) -> None:
+        try:
+            os.unlink(os.path.join(os.path.dirname(self.dir), "index", name))
+        except OSError:
+            pass
+
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
