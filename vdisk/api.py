@@ -486,6 +486,40 @@ class Disk:
             if not self._closed and not self.readonly:
                 self._maybe_commit()
 
+    # -- for async front ends: what may run on the event loop -----------------------
+
+    def commit_due(self, slack: float = 0.0) -> bool:
+        """Whether the periodic commit falls due within ``slack`` seconds (a write then
+        would also write back and sync)."""
+        if self.commit_interval is None or self.readonly:
+            return False
+        return time.monotonic() - self._last_commit >= self.commit_interval - slack
+
+    def is_cheap(self, offset: int, length: int, *, write: bool = False) -> bool:
+        """Whether the call would be served from the cluster cache with no storage I/O:
+        every cluster cached and, for a write, no eviction (which writes back) and no
+        periodic commit due. A hint read without the lock: async front ends use it to run
+        a call inline instead of paying for a thread hop."""
+        c = self._cache
+        if c.capacity == 0 or length <= 0:
+            return False
+        if write and (self.commit_due() or c.used + length > c.capacity):
+            return False
+        first, last = offset // c.cs, (offset + length - 1) // c.cs
+        entries = c.entries
+        return all(i in entries for i in range(first, last + 1))
+
+    def try_call(self, fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
+        """Run ``fn(*args)`` only if the disk's lock is free right now: (True, result), or
+        (False, None) when another thread holds it (a flush may take seconds, and an
+        event loop must never wait for it)."""
+        if not self._lock.acquire(blocking=False):
+            return False, None
+        try:
+            return True, fn(*args)
+        finally:
+            self._lock.release()
+
     def resize(self, new_size: int) -> None:
         with self._lock:
             self._check_writable()
