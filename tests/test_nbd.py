@@ -3,6 +3,7 @@ nbdinfo, nbdcopy), plus a raw socket for what well-behaved clients never send.""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -558,6 +559,29 @@ def test_hostile_sizes(serve, tmp_path: Path) -> None:
         assert c.recv(8) == bytes(8)
     log = s.log()
     assert "carries 1073741824 bytes" in log and "options without choosing" in log
+
+
+def test_random_garbage_never_harms_the_server(serve, tmp_path: Path) -> None:
+    import random
+
+    img = make_raw(tmp_path / "g.raw", SIZE, ((0, MiB),))
+    s = serve(img)
+    rnd = random.Random(7)
+    for i in range(60):
+        with RawClient(s.port) as c:
+            if i % 2:  # garbage in transmission, after a proper handshake
+                c.go("", structured=bool(i % 4 == 1))
+                hdr = struct.pack(">IHHQQI", REQ_MAGIC, rnd.getrandbits(16), rnd.randrange(9),
+                                  i, rnd.getrandbits(rnd.choice((12, 24, 64))), rnd.getrandbits(rnd.choice((9, 16, 32))))  # fmt: skip
+                c.sock.sendall(hdr + rnd.randbytes(rnd.randrange(64)))
+            else:  # garbage in the handshake
+                c.sock.sendall(rnd.randbytes(rnd.randrange(1, 200)))
+            c.sock.settimeout(0.2)
+            with contextlib.suppress(OSError, EOFError):
+                c.sock.recv(65536)
+    run(["qemu-io", "-f", "raw", "-r", s.url(), "-c", "read -P 0 2M 64k"])
+    assert "internal error" not in s.log()
+    assert s.stop() == 0
 
 
 def test_client_vanishing_mid_request(serve, tmp_path: Path) -> None:

@@ -725,6 +725,8 @@ class Server:
         self.connections += 1
         try:
             await _Connection(self, stream, peer).run()
+        except* Exception as eg:  # a bug: it ends this connection, never the server
+            log.error("%s: dropped: internal error", peer, exc_info=eg)
         finally:
             self.connections -= 1
             await trio.aclose_forcefully(stream)
