@@ -366,6 +366,7 @@ class Disk:
             copy_up=layer.backing is not None,
         )
         self.snapshots = Snapshots(self)
+        self._remote = any(layer.driver.remote for layer in layer.chain())
 
     # -- properties ----------------------------------------------------------------
 
@@ -507,7 +508,16 @@ class Disk:
             return False
         first, last = offset // c.cs, (offset + length - 1) // c.cs
         entries = c.entries
-        return all(i in entries for i in range(first, last + 1))
+        if all(i in entries for i in range(first, last + 1)):
+            return True
+        # a small miss of a local image costs one pread and one decode, less than a thread
+        # hop; unless it reads ahead, or the room it needs evicts dirty clusters (a write)
+        return (
+            first == last
+            and not self._remote
+            and offset != c._next_seq
+            and not (c.dirty and c.used + c.cs > c.capacity)
+        )
 
     def try_call(self, fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
         """Run ``fn(*args)`` only if the disk's lock is free right now: (True, result), or

@@ -35,7 +35,6 @@ import pyfuse3
 import trio
 
 from vdisk.api import Disk
-from vdisk.cache.cluster import READAHEAD_MAX
 from vdisk.errors import VdiskError
 from vdisk.formats.base import Kind
 from vdisk.fuse.partitions import Partition, scan
@@ -46,7 +45,6 @@ T = TypeVar("T")
 
 #: Requests up to this size run inline even when the cache might miss (one cluster's
 #: pread + decompress costs less than a thread hop).
-INLINE_MAX = 128 * 1024
 #: Attribute and entry cache time of the kernel: the tree never changes under it.
 ATTR_TIMEOUT = 300.0
 #: Worker threads for large or cold requests (the machine has 2 cores; lz4 drops the GIL).
@@ -83,38 +81,6 @@ class Handle:
         if self.node.disk is None:  # only a stats handle has none, and it has data
             raise pyfuse3.FUSEError(errno.EBADF)
         return self.node.disk
-
-
-def _inline(disk: Any, offset: int, length: int, write: bool) -> bool:
-    """Whether a request is cheap enough to run in the event loop: small, or served from
-    the cluster cache; and, for a write, neither evicting (eviction writes back) nor
-    falling due for the periodic commit (which would write back and sync).
-
-    Reads vdisk.api.Disk's cache and commit state directly (there is no public probe);
-    it runs for every request, so it is written for speed."""
-    try:
-        cache = disk._cache
-        entries = cache.entries
-        cs = cache.cs
-    except AttributeError:  # not a vdisk.api.Disk
-        return length <= INLINE_MAX and not write
-    if write:
-        interval = disk.commit_interval
-        if interval is not None and time.monotonic() - disk._last_commit >= interval:
-            return False
-        if cache.used + length > cache.capacity:
-            return False
-    first = offset // cs
-    last = (offset + length - 1) // cs
-    if first == last:
-        if first in entries:
-            return True
-    elif all(i in entries for i in range(first, last + 1)):
-        return True
-    # a miss loads clusters (plus read-ahead) and may evict dirty ones, which writes back
-    if cache.dirty and cache.used + length + READAHEAD_MAX > cache.capacity:
-        return False
-    return length <= INLINE_MAX
 
 
 def _to_fuse_error(e: Exception) -> pyfuse3.FUSEError:
@@ -242,16 +208,13 @@ class DiskFS(pyfuse3.Operations):
         """Run a disk I/O call inline when it is cheap and the disk is free, else in a
         thread; turn every error into FUSEError. (The hot path of every read and write:
         the inline case avoids even the context manager of :meth:`_slow`.)"""
-        if _inline(disk, offset, length, write):
-            lock = getattr(disk, "_lock", None)
-            if lock is None or lock.acquire(blocking=False):
-                try:
-                    return fn(*args)
-                except Exception as e:
-                    raise _to_fuse_error(e) from None
-                finally:
-                    if lock is not None:
-                        lock.release()
+        if disk.is_cheap(offset, length, write=write):
+            try:
+                done, result = disk.try_call(fn, *args)
+            except Exception as e:
+                raise _to_fuse_error(e) from None
+            if done:
+                return result
         return await self._slow(fn, *args)
 
     async def _slow(self, fn: Callable[..., T], *args: Any) -> T:
@@ -291,12 +254,7 @@ class DiskFS(pyfuse3.Operations):
     def _stats_size(self) -> int:
         """The stats file's size for getattr, without waiting for the disk's lock (the
         content is read with direct_io, so the kernel does not cut reads at this size)."""
-        lock = self.disk._lock
-        if lock.acquire(blocking=False):
-            try:
-                self._stats_bytes()
-            finally:
-                lock.release()
+        self.disk.try_call(self._stats_bytes)
         return self._stats_len
 
     def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
