@@ -99,7 +99,7 @@ def serve(
     """Serve IMAGEs over NBD, each as an export named after its file name (with one image,
     also as the default export): qemu -drive file=nbd://127.0.0.1:10809,format=raw.
 
-    Runs until Ctrl-C or SIGTERM, then flushes and closes every image."""
+    Runs until Ctrl-C, SIGTERM or SIGHUP, then flushes and closes every image."""
     import trio
 
     from vdisk import api
@@ -146,7 +146,7 @@ def serve(
 async def _main(server: Any, bind: str, port: int, pid_file: str | None) -> None:
     import trio
 
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         try:
             listeners = await server.listen(bind, port)
         except OSError as e:
