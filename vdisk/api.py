@@ -581,16 +581,7 @@ class Disk:
                 out["actual-size"] = st.size()
             out["format-specific"] = self._driver.info()
             snaps = self._driver.list_snapshots()
-            out["snapshots"] = [
-                {
-                    "id": s.id,
-                    "name": s.name,
-                    "date": s.created,
-                    "virtual-size": s.size,
-                    "vm-state-size": s.vm_state_size,
-                }
-                for s in snaps
-            ]
+            out["snapshots"] = [s.as_dict() for s in snaps]
             chain = []
             for layer in list(self._layer.chain())[1:]:
                 chain.append(

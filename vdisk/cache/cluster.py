@@ -16,7 +16,7 @@ Not thread-safe by itself: :class:`vdisk.api.Disk` holds a lock around every cal
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from vdisk.formats.base import Driver
@@ -175,36 +175,38 @@ class ClusterCache:
         self._evict()
         return out
 
+    def _pieces(self, offset: int, mv: memoryview) -> Iterator[tuple[int, int, memoryview, bool]]:
+        """Split a write at cluster boundaries: (cluster, offset in it, piece, whole?)."""
+        pos = 0
+        while pos < len(mv):
+            idx, within = divmod(offset + pos, self.cs)
+            clen = self._clen(idx)
+            n = min(clen - within, len(mv) - pos)
+            yield idx, within, mv[pos : pos + n], n == clen
+            pos += n
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        cs = self.cs
         mv = memoryview(data)
         if self.capacity == 0:
             self._write_through(offset, mv)
             return
-        pos = 0
-        while pos < len(mv):
-            off = offset + pos
-            idx, within = divmod(off, cs)
-            clen = self._clen(idx)
-            n = min(clen - within, len(mv) - pos)
-            piece = mv[pos : pos + n]
-            if n == clen:
+        for idx, within, piece, whole in self._pieces(offset, mv):
+            if whole:
                 self._insert(idx, bytes(piece), True)
+                continue
+            cl = self.entries.get(idx)
+            if cl is None:
+                self.counters["misses"] += 1
+                cl = bytearray(self._fetch(idx, 1)[0])
+                self._insert(idx, cl, True)
             else:
-                cl = self.entries.get(idx)
-                if cl is None:
-                    self.counters["misses"] += 1
-                    cl = bytearray(self._fetch(idx, 1)[0])
-                    self._insert(idx, cl, True)
-                else:
-                    self.counters["hits"] += 1
-                    if not isinstance(cl, bytearray):
-                        cl = bytearray(cl)
-                        self.entries[idx] = cl
-                    self.entries.move_to_end(idx)
-                    self.dirty.add(idx)
-                cl[within : within + n] = piece
-            pos += n
+                self.counters["hits"] += 1
+                if not isinstance(cl, bytearray):
+                    cl = bytearray(cl)
+                    self.entries[idx] = cl
+                self.entries.move_to_end(idx)
+                self.dirty.add(idx)
+            cl[within : within + len(piece)] = piece
         self._evict()
 
     def _write_through(self, offset: int, mv: memoryview) -> None:
@@ -213,21 +215,14 @@ class ClusterCache:
             self.driver.write(offset, bytes(mv))
             self.counters["bytes_written_back"] += len(mv)
             return
-        cs = self.cs
         writes: list[tuple[int, bytes]] = []
-        pos = 0
-        while pos < len(mv):
-            off = offset + pos
-            idx, within = divmod(off, cs)
-            clen = self._clen(idx)
-            n = min(clen - within, len(mv) - pos)
-            if n == clen:
-                writes.append((off, bytes(mv[pos : pos + n])))
+        for idx, within, piece, whole in self._pieces(offset, mv):
+            if whole:
+                writes.append((idx * self.cs, bytes(piece)))
             else:
                 cl = bytearray(self._fetch(idx, 1)[0])
-                cl[within : within + n] = mv[pos : pos + n]
-                writes.append((idx * cs, bytes(cl)))
-            pos += n
+                cl[within : within + len(piece)] = piece
+                writes.append((idx * self.cs, bytes(cl)))
         self._write_back(writes)
 
     def _split(self, offset: int, length: int) -> tuple[int, int]:

@@ -94,7 +94,9 @@ def _fmt_time(t: float) -> str:
 def info(image: str, fmt: str | None, output: str, force_share: bool, stats: bool) -> None:
     """Show an image: format, sizes, snapshots and the whole backing chain."""
     live = runtime.read_published(image) if stats else None
-    with api.open(image, format=fmt, readonly=True, force_share=force_share or live is not None) as d:
+    with api.open(
+        image, format=fmt, readonly=True, force_share=force_share or live is not None
+    ) as d:
         data = d.info()
         if live is not None:
             data["stats"] = live["stats"]
@@ -294,17 +296,7 @@ def snap_list(image: str, fmt: str | None, output: str) -> None:
     """List the snapshots of IMAGE."""
     with api.open(image, format=fmt, readonly=True) as d:
         snaps = d.snapshots.list()
-    rows: list[dict[str, Any]] = [
-        {
-            "id": s.id,
-            "name": s.name,
-            "date": s.created,
-            "virtual-size": s.size,
-            "vm-state-size": s.vm_state_size,
-            **s.extra,
-        }
-        for s in snaps
-    ]
+    rows: list[dict[str, Any]] = [s.as_dict() for s in snaps]
     if output == "json":
         echo_json(rows)
         return

@@ -78,6 +78,17 @@ class SnapshotInfo:
     vm_state_size: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form of `info` and `snapshot list` (qemu-img's key names)."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "date": self.created,
+            "virtual-size": self.size,
+            "vm-state-size": self.vm_state_size,
+            **self.extra,
+        }
+
 
 @dataclass(slots=True)
 class CheckReport:
