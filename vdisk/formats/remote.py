@@ -122,7 +122,7 @@ DEFAULT_READAHEAD = 1 << 20
 MAX_INFLIGHT = 4  # packs uploading in the background at once (memory: 4 x pack_size)
 MAX_DIRTY_PAGES = 256  # ~14 MiB of dirty map pages, then they are uploaded ahead of the commit
 COALESCE_GAP = 256 << 10
-MAX_RANGE = 8 << 20
+MAX_RANGE = 1 << 20  # bigger misses become several range GETs, fetched in parallel
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _MANIFEST_KEY = re.compile(r"^images/(.+)/manifest/(\d{10})$")
@@ -679,10 +679,10 @@ class RemoteDriver(Driver):
                         it[1].offset - end > COALESCE_GAP
                         or it[1].offset + it[1].length - start > MAX_RANGE
                     ):
-                        jobs.append((pack, run))
+                        jobs.append((pack, run, False))
                         run = []
                 run.append(it)
-            jobs.append((pack, run))
+            jobs.append((pack, run, True))  # only the last run of a pack reads ahead
         results = (
             [self._get_run(*jobs[0])]
             if len(jobs) == 1
@@ -692,12 +692,16 @@ class RemoteDriver(Driver):
             got.update(r)
         return got
 
-    def _get_run(self, pack: bytes, run: list[tuple[int, Loc, bytes]]) -> dict[int, bytes]:
+    def _get_run(
+        self, pack: bytes, run: list[tuple[int, Loc, bytes]], read_ahead: bool = False
+    ) -> dict[int, bytes]:
         """One range GET covering ``run`` (plus read-ahead); verified pieces go to the cache."""
         start = run[0][1].offset
         end = run[-1][1].offset + run[-1][1].length
         extra: list[tuple[bytes, Loc]] = []
-        ahead = self.readahead if self._sequential else self.readahead // 4
+        ahead = 0
+        if read_ahead:
+            ahead = self.readahead if self._sequential else self.readahead // 4
         if ahead and self.cache.max_bytes > 0:
             index = self._pack_index(pack)
             if index:
