@@ -482,7 +482,7 @@ class _Connection:
     def inline_ok(self, export: Export, cmd: int, flags: int, length: int) -> bool:
         if cmd == P.CMD_FLUSH or flags & P.CMD_FLAG_FUA or length > INLINE_MAX:
             return False
-        if cmd != P.CMD_READ and cmd != P.CMD_BLOCK_STATUS and _commit_due(export.disk):
+        if cmd != P.CMD_READ and cmd != P.CMD_BLOCK_STATUS and export.disk.commit_due(slack=1.0):
             return False  # this write would run the periodic commit: not on the event loop
         return export._avg_ns < SLOW_CALL_NS
 
@@ -579,26 +579,11 @@ def _nbytes(parts: list[bytes]) -> int:
     return n
 
 
-def _commit_due(disk: Any) -> bool:
-    """Whether a write now would also run the disk's periodic commit (within a second)."""
-    interval = getattr(disk, "commit_interval", None)
-    last = getattr(disk, "_last_commit", None)
-    if interval is None or last is None:
-        return False
-    return time.monotonic() - last >= interval - 1.0
-
-
 def _run_inline(export: Export, work: Callable[[], Any], length: int) -> Any:
     """Run on the event loop if the disk's lock is free right now, else _BUSY: the event
     loop must never wait for a lock a worker thread holds (a flush may take seconds)."""
-    lock = getattr(export.disk, "_lock", None)
-    if lock is not None and not lock.acquire(blocking=False):
-        return _BUSY
-    try:
-        return _run_timed(export, work, length)
-    finally:
-        if lock is not None:
-            lock.release()
+    done, outcome = export.disk.try_call(_run_timed, export, work, length)
+    return outcome if done else _BUSY
 
 
 def _run_timed(export: Export, work: Callable[[], Any], length: int) -> _Outcome:
