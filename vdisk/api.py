@@ -694,7 +694,7 @@ def open(
     format: str | None = None,
     readonly: bool = False,
     force_share: bool = False,
-    cache_mb: float = DEFAULT_CACHE_MB,
+    cache_mb: float | None = None,
     commit_interval: float | None = DEFAULT_COMMIT_INTERVAL,
     options: dict[str, Any] | None = None,
     snapshot: bool = False,
@@ -709,7 +709,7 @@ def open(
         raise UsageError(
             "snapshot=True is a writable throw-away view: do not combine it with readonly"
         )
-    if cache_mb < 0:
+    if cache_mb is not None and cache_mb < 0:
         raise UsageError(f"cache size must not be negative (got {cache_mb})")
     driver = _open_driver(
         path, format=format, readonly=readonly or snapshot, force_share=force_share, options=options
@@ -730,6 +730,11 @@ def open(
             layer.close()
             raise
         layer = Layer(scratch, layer)
+    if cache_mb is None:
+        # formats that store plain bytes (raw) are cached by the host's page cache already:
+        # a cluster cache would only turn 4 KiB writes into 64 KiB ones
+        wants = any(lyr.driver.wants_cache for lyr in layer.chain())
+        cache_mb = DEFAULT_CACHE_MB if wants else 0
     return Disk(
         layer, cache_bytes=int(cache_mb * (1 << 20)), commit_interval=commit_interval, name=path
     )

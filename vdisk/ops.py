@@ -71,7 +71,7 @@ def convert(
     backing_format: str | None = None,
     verify: bool = False,
     progress: Progress | None = None,
-    cache_mb: float = api.DEFAULT_CACHE_MB,
+    cache_mb: float | None = None,
 ) -> ConvertResult:
     """Copy the guest content of ``src`` into a new image ``dst``.
 
@@ -217,9 +217,7 @@ def _rel(path: str, overlay: str) -> str:
     return os.path.relpath(os.path.abspath(path), os.path.dirname(os.path.abspath(overlay)))
 
 
-def commit(
-    overlay: str, *, progress: Progress | None = None, cache_mb: float = api.DEFAULT_CACHE_MB
-) -> int:
+def commit(overlay: str, *, progress: Progress | None = None, cache_mb: float | None = None) -> int:
     """Merge an overlay's own data into its backing image. Returns bytes copied.
 
     Order: the overlay first stops pinning the base's identity (so a crash while the base
@@ -271,7 +269,7 @@ def rebase(
     new_format: str | None = None,
     unsafe: bool = False,
     progress: Progress | None = None,
-    cache_mb: float = api.DEFAULT_CACHE_MB,
+    cache_mb: float | None = None,
 ) -> int:
     """Make ``new_base`` the backing image of ``image`` (None: no backing, i.e. flatten).
 
@@ -334,9 +332,7 @@ def rebase(
             new_layer.close()
 
 
-def flatten(
-    image: str, *, progress: Progress | None = None, cache_mb: float = api.DEFAULT_CACHE_MB
-) -> int:
+def flatten(image: str, *, progress: Progress | None = None, cache_mb: float | None = None) -> int:
     """Copy everything the image reads from its chain into it and drop the backing reference."""
     return rebase(image, None, progress=progress, cache_mb=cache_mb)
 

@@ -35,6 +35,7 @@ class ScratchDriver(Driver):
     """A sparse scratch file plus a bitmap: DATA where written, HOLE elsewhere."""
 
     name = "scratch"
+    wants_cache = False
 
     def __init__(self, size: int, cluster_size: int, label: str, tmpdir: str | None = None) -> None:
         try:

@@ -32,7 +32,7 @@ from vdisk.errors import UsageError
 def bench(
     image: str,
     fmt: str | None,
-    cache_mb: float,
+    cache_mb: float | None,
     output: str,
     count: int,
     depth: int,

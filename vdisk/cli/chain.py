@@ -36,7 +36,7 @@ def clone(base: str, new: str, fmt: str, base_format: str | None, opts: tuple[st
 @click.argument("overlay")
 @progress_option
 @cache_option
-def commit(overlay: str, progress: bool | None, cache_mb: float) -> None:
+def commit(overlay: str, progress: bool | None, cache_mb: float | None) -> None:
     """Merge OVERLAY's own data into its backing image."""
     with progress_bar("commit", progress) as bar:
         n = ops.commit(overlay, progress=bar, cache_mb=cache_mb)
@@ -62,7 +62,7 @@ def rebase(
     backing_format: str | None,
     unsafe: bool,
     progress: bool | None,
-    cache_mb: float,
+    cache_mb: float | None,
     fmt: str | None,
 ) -> None:
     """Change IMAGE's backing image, keeping its guest content (unless -u)."""
@@ -82,7 +82,7 @@ def rebase(
 @click.argument("image")
 @progress_option
 @cache_option
-def flatten(image: str, progress: bool | None, cache_mb: float) -> None:
+def flatten(image: str, progress: bool | None, cache_mb: float | None) -> None:
     """Copy everything from the backing chain into IMAGE and drop the reference."""
     with progress_bar("flatten", progress) as bar:
         n = ops.flatten(image, progress=bar, cache_mb=cache_mb)

@@ -42,9 +42,9 @@ def cache_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--cache-mb",
         type=float,
-        default=DEFAULT_CACHE_MB,
-        show_default=True,
-        help="Cluster cache size in MiB.",
+        default=None,
+        help=f"Cluster cache size in MiB (default {DEFAULT_CACHE_MB}; 0 for raw images, "
+        "which the host's page cache serves).",
     )(f)
 
 

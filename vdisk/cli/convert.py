@@ -71,7 +71,7 @@ def convert(
     backing_format: str | None,
     verify: bool,
     progress: bool | None,
-    cache_mb: float,
+    cache_mb: float | None,
 ) -> None:
     """Copy SRC into a new image DST, in any format vdisk writes."""
     fmt = formats.get(out_format).name if out_format else _guess_out_format(dst)

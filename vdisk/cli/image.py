@@ -272,7 +272,7 @@ def snapshot() -> None:
     """Internal snapshots: create, list, revert, delete."""
 
 
-def _snap_open(image: str, fmt: str | None, readonly: bool, cache_mb: float) -> api.Disk:
+def _snap_open(image: str, fmt: str | None, readonly: bool, cache_mb: float | None) -> api.Disk:
     return api.open(image, format=fmt, readonly=readonly, cache_mb=cache_mb)
 
 
@@ -281,7 +281,7 @@ def _snap_open(image: str, fmt: str | None, readonly: bool, cache_mb: float) -> 
 @click.argument("name")
 @format_option
 @cache_option
-def snap_create(image: str, name: str, fmt: str | None, cache_mb: float) -> None:
+def snap_create(image: str, name: str, fmt: str | None, cache_mb: float | None) -> None:
     """Save the current state of IMAGE as snapshot NAME (no data is copied)."""
     with _snap_open(image, fmt, False, cache_mb) as d:
         s = d.snapshots.create(name)

@@ -69,7 +69,7 @@ def mount(
     background: bool,
     logfile: str | None,
     debug: bool,
-    cache_mb: float,
+    cache_mb: float | None,
 ) -> None:
     """Mount IMAGE at DIR: DIR/disk, DIR/p1..pN (partitions), DIR/snapshots/NAME, DIR/stats.
 

@@ -89,7 +89,7 @@ def serve(
     readonly: bool,
     snapshot: bool,
     fmt: str | None,
-    cache_mb: float,
+    cache_mb: float | None,
     allow_remote: bool,
     threads: int,
     pid_file: str | None,

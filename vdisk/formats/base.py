@@ -158,6 +158,9 @@ class Driver(ABC):
     has_snapshots: ClassVar[bool] = False
     #: whether images live in an object store (s3://) rather than in a local file
     remote: ClassVar[bool] = False
+    #: whether the cluster cache helps by default (False for plain bytes that the host's
+    #: page cache already caches: raw)
+    wants_cache: ClassVar[bool] = True
 
     storage: Storage
     size: int

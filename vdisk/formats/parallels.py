@@ -505,6 +505,16 @@ class ParallelsDriver(Driver):
 
     def _begin_write(self) -> None:
         if not self._dirty:
+            # A BAT entry outside the data area or naming a cluster another entry uses
+            # would make an in-place write change a second guest cluster (or the BAT):
+            # refuse to write at all, before the image is marked in use. One pass over
+            # the BAT, one bit per cluster, once per session.
+            bad = self.check().corruptions
+            if bad:
+                raise CorruptImage(
+                    f"{self.storage.path}: refusing to write to a corrupt Parallels image: "
+                    f"{bad[0]} ({len(bad)} problem(s); vdisk check lists them)"
+                )
             if self.ext_off:
                 self._drop_extensions()
             self.storage.pwrite(44, struct.pack("<I", IN_USE))

@@ -18,6 +18,7 @@ class RawDriver(Driver):
     aliases = ("img", "iso")
     extensions = (".raw", ".img", ".iso")
     can_create = True
+    wants_cache = False
 
     def __init__(self, storage: Storage, readonly: bool) -> None:
         self.storage = storage

@@ -375,6 +375,8 @@ class RemoteDriver(Driver):
         self.readonly = readonly
         self.options = options
         self._apply(manifest)
+        # what an overlay of another format records of this base: the version opened
+        self.storage.identity = f"{FORMAT}\n{self.uuid}\n{self.number}\n".encode()
         self.pack_size = _opt_size(options, "pack_size", DEFAULT_PACK_SIZE, 64 << 10, 64 << 20)
         self.readahead = _opt_size(options, "readahead", DEFAULT_READAHEAD, 0, 64 << 20)
         self.dedup = bool(options.get("dedup", True))
@@ -435,7 +437,6 @@ class RemoteDriver(Driver):
         b = m.get("backing")
         self.backing = BackingRef(b["path"], b.get("format")) if b else None
         self.uuid = m["uuid"]
-        self.storage.identity = f"{FORMAT}\n{self.uuid}\n{self.number}\n".encode()
         self.storage.measure = self._stored_bytes
 
     # -- discovery and creation ---------------------------------------------------
@@ -457,11 +458,17 @@ class RemoteDriver(Driver):
         st = cls._storage(storage)
         reject_unknown_options(FORMAT, options, OPTIONS)
         pin = _opt_size(options, "manifest", 0, 1, 10**10 - 1) if "manifest" in options else st.pin
+        numbers = [] if pin is not None and readonly else list_manifests(st.client, st.name)
         if pin is not None:
-            if not readonly:
-                raise UsageError(f"{st.path}: a pinned manifest can only be opened read-only")
-            return cls(st, load_manifest(st.client, st.name, pin), readonly=True, options=options)
-        numbers = list_manifests(st.client, st.name)
+            if not readonly and (not numbers or pin != numbers[-1]):
+                # writing NAME@N means "N and what follows": only while N is the latest
+                raise ImageLocked(
+                    f"{st.path}: version {pin} is not the latest "
+                    f"({numbers[-1] if numbers else 'none'}); only the latest can be written"
+                )
+            return cls(
+                st, load_manifest(st.client, st.name, pin), readonly=readonly, options=options
+            )
         if not numbers:
             raise ImageNotFound(f"{st.path}: no such image (no manifest under images/{st.name}/)")
         m = None

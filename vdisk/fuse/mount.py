@@ -65,7 +65,7 @@ class MountOptions:
     allow_other: bool = False
     fs: str | None = None  # None: no --fs; "auto", "disk", "pN" or "N"
     fs_dir: str | None = None  # where --fs mounts the guest fs (default DIR/fs)
-    cache_mb: float = api.DEFAULT_CACHE_MB
+    cache_mb: float | None = None
     threads: int = 4
 
 
@@ -264,7 +264,10 @@ def serve(opts: MountOptions, ready: Ready) -> None:
         snap_disk = None
         if opts.snapshot:  # the overlay has no snapshots; show those of the image below
             snap_disk = api.open(
-                opts.image, format=opts.format, readonly=True, cache_mb=opts.cache_mb / 4
+                opts.image,
+                format=opts.format,
+                readonly=True,
+                cache_mb=(api.DEFAULT_CACHE_MB if opts.cache_mb is None else opts.cache_mb) / 4,
             )
             stack.callback(snap_disk.close)
         partitions = scan(disk.read, disk.size, opts.image)
