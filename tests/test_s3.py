@@ -545,8 +545,22 @@ def test_clones_pin_their_base_version(s3env: str, tmp_path: Path) -> None:
         assert d.read(0, 65536) == b"v2" * 32768
     with api.open(f"{base}@2", readonly=True) as old:
         assert old.read(0, 4) == b"v1v1"
-    with pytest.raises(VdiskError, match="read-only"):
-        api.open(f"{base}@2")
+    with pytest.raises(ImageLocked, match="not the latest"):
+        api.open(f"{base}@2")  # writing needs the latest version
+    # commit an overlay into its base: other clones stay on the version they were made on
+    from vdisk import ops
+
+    api.clone(base, f"{s3env}/vm2")
+    api.clone(base, f"{s3env}/vm3")
+    with api.open(f"{s3env}/vm2") as c:
+        c.write(65536, b"mine" * 16384)
+    ops.commit(f"{s3env}/vm2")
+    with api.open(base, readonly=True) as d:
+        assert d.read(0, 131072) == b"v2" * 32768 + b"mine" * 16384
+    with api.open(f"{s3env}/vm3", readonly=True) as c:
+        assert c.read(0, 131072) == b"v2" * 32768 + bytes(65536)
+    with api.open(f"{s3env}/vm2", readonly=True) as c:
+        assert c.read(0, 131072) == b"v2" * 32768 + b"mine" * 16384
 
 
 def test_gc_condemned_dedup_target_is_stored_again(s3env: str) -> None:
