@@ -184,9 +184,9 @@ class S3Client:
 
     # -- the retry loop --------------------------------------------------------------
 
-    def _call(self, what: str, key: str, fn: Callable[[], T], ok_codes: tuple[str, ...] = ()) -> T:
-        """Run ``fn`` with retries; ClientErrors whose code is in ``ok_codes`` are re-raised
-        to the caller untouched (404, 412: answers, not failures)."""
+    def _call(self, what: str, key: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` with retries on errors that may pass; ``fn`` itself turns answers that
+        are not failures (404, 412) into return values."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         delay = self.base_delay
@@ -197,8 +197,6 @@ class S3Client:
             except ClientError as e:
                 code = str(e.response.get("Error", {}).get("Code", ""))
                 status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-                if code in ok_codes or str(status) in ok_codes:
-                    raise
                 if code == "NoSuchBucket":
                     raise ImageNotFound(f"{self.where()}: no such bucket") from None
                 if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
@@ -374,7 +372,6 @@ class S3Storage(Storage):
         self.pin = split_pin(url.rstrip("/"))[1]  # NAME@N: manifest N, read-only
         self.path = f"{SCHEME}{self.bucket}/{self.name}" + (f"@{self.pin}" if self.pin else "")
         self.readonly = readonly
-        self.create = create
         self.client = S3Client(self.bucket)
         self.measure: Callable[[], int] | None = None  # set by the driver: stored bytes
         self.identity = b""  # set by the driver: uuid and manifest number
