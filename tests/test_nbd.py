@@ -603,3 +603,21 @@ def test_client_vanishing_mid_request(serve, tmp_path: Path) -> None:
     assert s.stop() == 0
     with open(img, "rb") as f:
         assert f.read(4096) == bytes(4096)  # the partial write never happened
+
+
+def test_info_stats_reads_the_live_server(serve, tmp_path: Path) -> None:
+    """`vdisk info --stats` on an image a server holds shows the server's own counters."""
+    need("qemu-io")
+    img = tmp_path / "live.vdisk"
+    _native_or_skip(img, SIZE)
+    s = serve(img, args=("-f", "vdisk"))
+    run(["qemu-io", "-f", "raw", s.url(), "-c", "write -P 3 0 1M", "-c", "read -P 3 0 1M"])
+    deadline = time.monotonic() + 20
+    while True:
+        p = run([sys.executable, "-m", "vdisk", "info", "--stats", "--output", "json", str(img)])
+        info = json.loads(p.stdout)
+        if "nbd" in info.get("stats-source", "") and info["stats"]["cache"]["hits"] > 0:
+            break
+        assert time.monotonic() < deadline, info.get("stats-source")
+        time.sleep(0.5)
+    assert info["virtual-size"] == SIZE

@@ -20,7 +20,7 @@ from vdisk.cli.common import (
     progress_bar,
     progress_option,
 )
-from vdisk.errors import UsageError, VdiskError, describe
+from vdisk.errors import ImageLocked, UsageError, VdiskError, describe
 
 
 @click.command()
@@ -94,15 +94,23 @@ def _fmt_time(t: float) -> str:
 def info(image: str, fmt: str | None, output: str, force_share: bool, stats: bool) -> None:
     """Show an image: format, sizes, snapshots and the whole backing chain."""
     live = runtime.read_published(image) if stats else None
-    with api.open(
-        image, format=fmt, readonly=True, force_share=force_share or live is not None
-    ) as d:
+    share = force_share or live is not None
+    try:
+        d = api.open(image, format=fmt, readonly=True, force_share=share)
+    except ImageLocked:
+        if not stats:
+            raise
+        # held by a mount or server that has not published its counters yet: read the
+        # image anyway (the counters are what was asked for) and say where they are from
+        d = api.open(image, format=fmt, readonly=True, force_share=True)
+    with d:
         data = d.info()
         if live is not None:
             data["stats"] = live["stats"]
             data["stats-source"] = f"{live['front_end']} (pid {live['pid']})"
         elif stats:
             data["stats"] = d.stats()
+            data["stats-source"] = "this process (no live counters published for this image)"
     if output == "json":
         echo_json(data)
         return
