@@ -114,7 +114,8 @@ MAX_GUEST_SIZE = 1 << 56
 MAX_SNAPSHOTS = 4096
 MAX_PAGES = 1 << 20  # map pages per image: 64 TiB at 64 KiB clusters; keeps manifests < 64 MiB
 MAX_MANIFEST = 64 << 20
-MAX_INDEX_ENTRIES = 1 << 20  # per pack index object
+MAX_INDEX_ENTRIES = 1 << 16  # per pack (a writer seals a pack at this many clusters)
+MAX_SESSION = 1 << 18  # clusters an open remembers for dedup within itself
 MAX_INDEX_OBJECT = INDEX_HEAD.size + MAX_INDEX_ENTRIES * INDEX_ENTRY.size
 MAX_DEDUP_ENTRIES = 1 << 19  # bucket-wide dedup index in memory (~128 MiB); beyond it, none
 DEFAULT_PACK_SIZE = 4 << 20
@@ -394,7 +395,8 @@ class RemoteDriver(Driver):
         )
         self.pages_lru: LRU[int, bytearray] = LRU(32 << 20)
         self.dirty: dict[int, bytearray] = {}
-        self.pack_idx: LRU[bytes, list[tuple[bytes, Loc]]] = LRU(256, weigh=lambda _v: 1)
+        # parsed pack indexes, bounded by their total number of entries
+        self.pack_idx: LRU[bytes, list[tuple[bytes, Loc]]] = LRU(1 << 18, weigh=len)
         self.changed = False
         self._next_read = -1
         self._from_store = False  # check: verify the store itself, not the local cache
@@ -862,9 +864,11 @@ class RemoteDriver(Driver):
         self._spill.write(stored)
         self._spill_len += len(stored)
         self._spill_entries.append((key, loc))
+        if len(self._session) >= MAX_SESSION:
+            self._session.clear()  # memory bound: older clusters are no longer matched
         self._session[key] = loc
         self.counters["clusters_stored"] += 1
-        if self._spill_len >= self.pack_size:
+        if self._spill_len >= self.pack_size or len(self._spill_entries) >= MAX_INDEX_ENTRIES:
             self._seal()
         return loc
 
