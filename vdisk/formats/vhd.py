@@ -282,6 +282,7 @@ class VhdDriver(Driver):
         self.tables: LRU[tuple[str, int], Any] = LRU(TABLE_CACHE_BYTES, weigh=_weigh)
         self.footer_from_copy = False
         self.footer_repaired = False
+        self.overlaps_checked = False
 
     # -- discovery ---------------------------------------------------------------------
 
@@ -576,10 +577,26 @@ class VhdDriver(Driver):
                     out.append(Extent(Kind.HOLE, base + lo, hi - lo))
         return merge_extents(out)
 
+    def _check_overlaps(self) -> None:
+        """Before the first change of a session: no two BAT entries may name overlapping
+        blocks, or an in-place write would silently change a second guest block. One pass
+        over the BAT (a sorted list of the allocated entries), once per session."""
+        used = sorted(e for b in range(self.entries) if (e := self._bat(b)) != UNUSED)
+        span = self.bitmap_size + self.block_size
+        for a, c in itertools.pairwise(used):
+            if a * SECTOR + span > c * SECTOR:
+                raise CorruptImage(
+                    f"{self.storage.path}: refusing to write: the blocks at sectors {a} and "
+                    f"{c} overlap (blocks are {span} bytes; vdisk check lists every problem)"
+                )
+        self.overlaps_checked = True
+
     def write(self, offset: int, data: bytes) -> None:
         if self.type == TYPE_FIXED:
             self.storage.pwrite(offset, data)
             return
+        if not self.overlaps_checked:
+            self._check_overlaps()
         pos = 0
         for b, within, k in cluster_spans(offset, len(data), self.block_size):
             self._write_block(b, within, data[pos : pos + k])
@@ -631,6 +648,8 @@ class VhdDriver(Driver):
         if self.type == TYPE_DIFF:
             super().write_zeroes(offset, length, unmap=unmap)  # must hide the parent
             return
+        if not self.overlaps_checked:
+            self._check_overlaps()
         for b, within, k in cluster_spans(offset, length, self.block_size):
             e = self._bat(b)
             if e == UNUSED:
