@@ -13,28 +13,21 @@ import pytest
 
 import vdisk
 from tests.conftest import pattern
-from vdisk.errors import CorruptImage, UnsupportedFeature, VdiskError
+from tests.formats_helpers import (
+    crash_walk,
+    driver_read_fails,
+    mutated_headers_give_clear_errors,
+    open_driver,
+    patch,
+    qemu_raw,
+)
+from vdisk.errors import CorruptImage, UnsupportedFeature
 from vdisk.formats import parallels as prl
 from vdisk.formats.base import Kind
-from vdisk.storage import FileStorage
 
 MiB = 1 << 20
 DRIVER_CLASS = prl.ParallelsDriver
 HOT_OFFSETS = [0, 16, 28, 32, 36, 48, 64]
-
-
-def _open(path: str, readonly: bool = True) -> prl.ParallelsDriver:
-    return prl.ParallelsDriver.open(
-        FileStorage(path, readonly=readonly), readonly=readonly, options={}
-    )
-
-
-def _qemu_raw(qemu_img, path: str, tmp_path: Path) -> bytes:
-    raw = tmp_path / "ref.raw"
-    qemu_img("convert", "-f", "parallels", "-O", "raw", path, str(raw))
-    data = raw.read_bytes()
-    raw.unlink()
-    return data
 
 
 @pytest.mark.parametrize("cluster", ["64k", "1M"])
@@ -43,8 +36,8 @@ def test_reads_qemu_images(tmp_path, qemu_img, qemu_io, cluster):
     qemu_img("create", "-q", "-f", "parallels", "-o", f"cluster_size={cluster}", path, "5M")
     writes = ["write -P 0x11 0 4k", "write -P 0x22 1020k 8k", "write -P 0x33 2500k 2m"]
     qemu_io(*[a for w in writes for a in ("-c", w)], path)
-    want = _qemu_raw(qemu_img, path, tmp_path)
-    d = _open(path)
+    want = qemu_raw(qemu_img, "parallels", path, tmp_path)
+    d = open_driver(DRIVER_CLASS, path)
     try:
         assert d.read(0, d.size) == want
         for off, n in [(65536 - 100, 300), (2500 * 1024 - 1, 2 * MiB + 2)]:
@@ -79,8 +72,8 @@ def test_old_magic(tmp_path, qemu_img):
     path = str(tmp_path / "old.hdd")
     cs = 63 * 512
     size = _old_magic_image(path, {1: pattern(cs, cs, 1), 4: pattern(0, 100, 2)}, cs)
-    want = _qemu_raw(qemu_img, path, tmp_path)
-    d = _open(path)
+    want = qemu_raw(qemu_img, "parallels", path, tmp_path)
+    d = open_driver(DRIVER_CLASS, path)
     try:
         assert d.size == size and d.cluster_size == cs
         assert d.read(0, size) == want
@@ -91,7 +84,7 @@ def test_old_magic(tmp_path, qemu_img):
         disk.write(3 * cs - 7, b"q" * (cs + 14))
     want = bytearray(want)
     want[3 * cs - 7 : 4 * cs + 7] = b"q" * (cs + 14)
-    assert _qemu_raw(qemu_img, path, tmp_path) == bytes(want)
+    assert qemu_raw(qemu_img, "parallels", path, tmp_path) == bytes(want)
 
 
 def test_vdisk_writes_pass_qemu_check(tmp_path, qemu_img, qemu_io):
@@ -110,12 +103,13 @@ def test_vdisk_writes_pass_qemu_check(tmp_path, qemu_img, qemu_io):
             else:
                 d.write(off, pattern(off, n, seed=step))
                 model[off : off + n] = pattern(off, n, seed=step)
-        assert _open(path).in_use == prl.IN_USE  # open for writing: marked in use
+        # open for writing: marked in use
+        assert open_driver(DRIVER_CLASS, path).in_use == prl.IN_USE
     ref = tmp_path / "ref.raw"
     ref.write_bytes(model)
     qemu_img("check", path)
     qemu_img("compare", "-f", "parallels", "-F", "raw", path, str(ref))
-    d = _open(path)
+    d = open_driver(DRIVER_CLASS, path)
     try:
         assert d.in_use == prl.CLOSED
     finally:
@@ -238,54 +232,39 @@ def small(tmp_path, qemu_img, qemu_io) -> str:
     return path
 
 
-def _patch(path: str, offset: int, data: bytes) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
-
-
-def _expect(path: str, match: str) -> None:
-    with pytest.raises(VdiskError, match=match):
-        d = _open(path)
-        try:
-            d.read(0, d.size)
-        finally:
-            d.close()
-
-
 def test_truncated(small):
     os.truncate(small, 40)
-    _expect(small, "too short")
+    driver_read_fails(DRIVER_CLASS, small, match="too short")
 
 
 def test_wrong_magic(small):
-    _patch(small, 0, b"WithoutFreeSpacX")
+    patch(small, 0, b"WithoutFreeSpacX")
     assert prl.ParallelsDriver.probe(Path(small).read_bytes()[:4096], 0) == 0
-    _expect(small, "magic")
+    driver_read_fails(DRIVER_CLASS, small, match="magic")
 
 
 def test_bat_past_end(small):
-    _patch(small, 32, struct.pack("<IQ", 1 << 30, 1 << 37))
-    _expect(small, "past the end")
+    patch(small, 32, struct.pack("<IQ", 1 << 30, 1 << 37))
+    driver_read_fails(DRIVER_CLASS, small, match="past the end")
 
 
 def test_entry_past_end(small):
-    _patch(small, 64, struct.pack("<I", 1 << 20))
-    _expect(small, "BAT entry 0")
+    patch(small, 64, struct.pack("<I", 1 << 20))
+    driver_read_fails(DRIVER_CLASS, small, match="BAT entry 0")
 
 
 def test_huge_size_and_cluster(small):
-    _patch(small, 36, struct.pack("<Q", 1 << 60))
-    _expect(small, "disk size")
-    _patch(small, 36, struct.pack("<Q", 8192))
-    _patch(small, 28, struct.pack("<I", 0))
-    _expect(small, "cluster")
+    patch(small, 36, struct.pack("<Q", 1 << 60))
+    driver_read_fails(DRIVER_CLASS, small, match="disk size")
+    patch(small, 36, struct.pack("<Q", 8192))
+    patch(small, 28, struct.pack("<I", 0))
+    driver_read_fails(DRIVER_CLASS, small, match="cluster")
 
 
 def test_check_finds_shared_cluster(small):
     first = struct.unpack("<I", Path(small).read_bytes()[64:68])[0]
-    _patch(small, 68, struct.pack("<I", first))
-    d = _open(small)
+    patch(small, 68, struct.pack("<I", first))
+    d = open_driver(DRIVER_CLASS, small)
     try:
         assert any("twice" in c for c in d.check().corruptions)
     finally:
@@ -307,43 +286,19 @@ def test_resize_grows(tmp_path, qemu_img):
 
 def test_mutated_headers_give_clear_errors(small):
     """Seeded random damage to the header and tables: only vdisk errors, bounded time."""
-    import random
-    import time
-
-    from vdisk.storage import MemoryStorage
-
-    cls = DRIVER_CLASS
-    orig = Path(small).read_bytes()
-    rng = random.Random(1)
-    for _ in range(60):
-        buf = bytearray(orig)
-        for _ in range(rng.randint(1, 6)):
-            at = rng.choice(HOT_OFFSETS) + rng.randrange(96)
-            if at < len(buf):
-                buf[at] = rng.randrange(256)
-        for readonly in (True, False):
-            t = time.monotonic()
-            try:
-                d = cls.open(MemoryStorage(small, bytes(buf)), readonly=readonly, options={})
-                d.read(0, min(d.size, 8 * MiB))
-                d.check()
-                if not readonly:
-                    d.write(0, b"x" * 4096)
-            except VdiskError:
-                pass
-            assert time.monotonic() - t < 5
+    mutated_headers_give_clear_errors(DRIVER_CLASS, small, HOT_OFFSETS)
 
 
 def test_unclean_close_is_reported_and_repaired(small, qemu_img):
-    _patch(small, 44, struct.pack("<I", prl.IN_USE))
+    patch(small, 44, struct.pack("<I", prl.IN_USE))
     assert qemu_img("check", small, check=False).returncode == 2  # qemu: not closed correctly
-    d = _open(small)
+    d = open_driver(DRIVER_CLASS, small)
     try:
         rep = d.check()
         assert rep.exit_code == 0 and rep.info["closed-cleanly"] is False
     finally:
         d.close()
-    d = _open(small, readonly=False)
+    d = open_driver(DRIVER_CLASS, small, readonly=False)
     try:
         assert d.check(repair=True).repaired
     finally:
@@ -353,8 +308,6 @@ def test_unclean_close_is_reported_and_repaired(small, qemu_img):
 
 def test_power_loss():
     """Power loss after every operation (see tests.test_vhdx.crash_walk)."""
-    from tests.test_vhdx import crash_walk
-
     assert crash_walk(prl.ParallelsDriver, 3 * MiB, {"cluster_size": 256 * 1024}, 7) > 50
 
 
@@ -372,8 +325,8 @@ def test_format_extension(small, qemu_img, feature, flags):
     cluster[24 : 24 + len(body)] = body
     struct.pack_into("<Q", cluster, 0, prl.EXT_MAGIC)
     cluster[8:24] = hashlib.md5(bytes(cluster[24:])).digest()
-    _patch(small, ext, bytes(cluster))
-    _patch(small, 56, struct.pack("<Q", ext // 512))
+    patch(small, ext, bytes(cluster))
+    patch(small, 56, struct.pack("<Q", ext // 512))
     want = b"\x33" * MiB + bytes(3 * MiB)
     with vdisk.open(small, readonly=True) as d:
         assert d.read(0, d.size) == want
@@ -384,7 +337,7 @@ def test_format_extension(small, qemu_img, feature, flags):
         return
     with vdisk.open(small) as d:
         d.write(2 * MiB, b"n" * 4096)
-    d = _open(small)
+    d = open_driver(DRIVER_CLASS, small)
     try:
         assert d.ext_off == 0
         assert d.read(2 * MiB, 4096) == b"n" * 4096

@@ -13,28 +13,21 @@ import pytest
 
 import vdisk
 from tests.conftest import pattern
-from vdisk.errors import BackingMismatch, CorruptImage, VdiskError
+from tests.formats_helpers import (
+    crash_walk,
+    driver_read_fails,
+    mutated_headers_give_clear_errors,
+    open_driver,
+    patch,
+    qemu_raw,
+)
+from vdisk.errors import BackingMismatch, CorruptImage
 from vdisk.formats import vdi
 from vdisk.formats.base import Kind
-from vdisk.storage import FileStorage
 
 MiB = 1 << 20
 DRIVER_CLASS = vdi.VdiDriver
 HOT_OFFSETS = [0x40, 0x150, 0x170, 0x180, 0x200]
-
-
-def _open(path: str, readonly: bool = True, **options) -> vdi.VdiDriver:
-    return vdi.VdiDriver.open(
-        FileStorage(path, readonly=readonly), readonly=readonly, options=options
-    )
-
-
-def _qemu_raw(qemu_img, path: str, tmp_path: Path) -> bytes:
-    raw = tmp_path / "ref.raw"
-    qemu_img("convert", "-f", "vdi", "-O", "raw", path, str(raw))
-    data = raw.read_bytes()
-    raw.unlink()
-    return data
 
 
 @pytest.mark.parametrize("static", ["off", "on"])
@@ -48,8 +41,8 @@ def test_reads_qemu_images(tmp_path, qemu_img, qemu_io, static):
         "write -z 3m 64k",
     ]
     qemu_io(*[a for w in writes for a in ("-c", w)], path)
-    want = _qemu_raw(qemu_img, path, tmp_path)
-    d = _open(path)
+    want = qemu_raw(qemu_img, "vdi", path, tmp_path)
+    d = open_driver(DRIVER_CLASS, path)
     try:
         assert d.size == 7 * MiB
         assert d.read(0, d.size) == want
@@ -116,7 +109,7 @@ def test_differencing(tmp_path):
         model[3 * MiB :] = bytes(MiB)
         assert d.read(0, size) == bytes(model)
         assert d.info()["backing-chain"][0]["filename"].endswith("base.vdi")
-    drv = _open(top)
+    drv = open_driver(DRIVER_CLASS, top)
     try:
         kinds = [e.kind for e in drv.block_status(0, size)]
         assert kinds == [Kind.DATA, Kind.HOLE, Kind.ZERO]
@@ -143,8 +136,8 @@ def test_parent_loop(tmp_path):
     a, b = str(tmp_path / "a.vdi"), str(tmp_path / "b.vdi")
     for p in (a, b):
         vdisk.create(p, MiB, format="vdi")
-    ua = _open(a).h
-    ub = _open(b).h
+    ua = open_driver(DRIVER_CLASS, a).h
+    ub = open_driver(DRIVER_CLASS, b).h
     for path, other in ((a, ub), (b, ua)):  # each links to the other
         with open(path, "r+b") as f:
             f.seek(vdi.OFF_TYPE)
@@ -166,56 +159,41 @@ def small(tmp_path, qemu_img, qemu_io) -> str:
     return path
 
 
-def _patch(path: str, offset: int, data: bytes) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
-
-
-def _expect(path: str, match: str) -> None:
-    with pytest.raises(VdiskError, match=match):
-        d = _open(path)
-        try:
-            d.read(0, d.size)
-        finally:
-            d.close()
-
-
 def test_truncated(small):
     os.truncate(small, 300)
-    _expect(small, "too short")
+    driver_read_fails(DRIVER_CLASS, small, match="too short")
 
 
 def test_wrong_signature(small):
-    _patch(small, 64, b"\0\0\0\0")
+    patch(small, 64, b"\0\0\0\0")
     assert vdi.VdiDriver.probe(Path(small).read_bytes()[:512], 0) == 0
-    _expect(small, "signature")
+    driver_read_fails(DRIVER_CLASS, small, match="signature")
 
 
 def test_block_map_past_end(small):
-    _patch(small, 0x180, struct.pack("<I", 1 << 30))  # blocks_in_image
-    _patch(small, 0x170, struct.pack("<Q", 1 << 50))  # disk_size
-    _expect(small, "past the end")
+    patch(small, 0x180, struct.pack("<I", 1 << 30))  # blocks_in_image
+    patch(small, 0x170, struct.pack("<Q", 1 << 50))  # disk_size
+    driver_read_fails(DRIVER_CLASS, small, match="past the end")
 
 
 def test_huge_size(small):
-    _patch(small, 0x170, struct.pack("<Q", 1 << 62))
-    _expect(small, "disk_size")
+    patch(small, 0x170, struct.pack("<Q", 1 << 62))
+    driver_read_fails(DRIVER_CLASS, small, match="disk_size")
 
 
 def test_entry_out_of_range(small):
-    _patch(small, 0x200, struct.pack("<I", 12345))
-    _expect(small, "block map entry 0")
+    patch(small, 0x200, struct.pack("<I", 12345))
+    driver_read_fails(DRIVER_CLASS, small, match="block map entry 0")
 
 
 def test_data_inside_map(small):
-    _patch(small, 0x158, struct.pack("<I", 0x200))  # offset_data
-    _expect(small, "overlaps the block map")
+    patch(small, 0x158, struct.pack("<I", 0x200))  # offset_data
+    driver_read_fails(DRIVER_CLASS, small, match="overlaps the block map")
 
 
 def test_check_finds_shared_block(small):
-    _patch(small, 0x204, struct.pack("<I", 0))  # block 1 -> data block 0 as well
-    d = _open(small)
+    patch(small, 0x204, struct.pack("<I", 0))  # block 1 -> data block 0 as well
+    d = open_driver(DRIVER_CLASS, small)
     try:
         rep = d.check()
         assert rep.exit_code == 2 and any("twice" in c for c in rep.corruptions)
@@ -226,13 +204,13 @@ def test_check_finds_shared_block(small):
 def test_unknown_uuid_parent_is_clear(tmp_path):
     p = str(tmp_path / "orphan.vdi")
     vdisk.create(p, MiB, format="vdi")
-    _patch(p, vdi.OFF_TYPE, struct.pack("<I", vdi.TYPE_DIFF))
-    _patch(p, vdi.OFF_UUIDS + 32, uuid.uuid4().bytes)
+    patch(p, vdi.OFF_TYPE, struct.pack("<I", vdi.TYPE_DIFF))
+    patch(p, vdi.OFF_UUIDS + 32, uuid.uuid4().bytes)
     with pytest.raises(BackingMismatch, match="does not exist"):
         vdisk.open(p, readonly=True)
     with pytest.raises(CorruptImage):
-        _patch(p, vdi.OFF_BLOCKS_ALLOCATED, struct.pack("<I", 99))
-        _open(p)
+        patch(p, vdi.OFF_BLOCKS_ALLOCATED, struct.pack("<I", 99))
+        open_driver(DRIVER_CLASS, p)
 
 
 @pytest.mark.parametrize("static", [False, True])
@@ -280,38 +258,12 @@ def test_commit_flatten_rebase(tmp_path, qemu_img):
 
 def test_mutated_headers_give_clear_errors(small):
     """Seeded random damage to the header and tables: only vdisk errors, bounded time."""
-    import random
-    import time
-
-    from vdisk.storage import MemoryStorage
-
-    cls = DRIVER_CLASS
-    orig = Path(small).read_bytes()
-    rng = random.Random(1)
-    for _ in range(60):
-        buf = bytearray(orig)
-        for _ in range(rng.randint(1, 6)):
-            at = rng.choice(HOT_OFFSETS) + rng.randrange(96)
-            if at < len(buf):
-                buf[at] = rng.randrange(256)
-        for readonly in (True, False):
-            t = time.monotonic()
-            try:
-                d = cls.open(MemoryStorage(small, bytes(buf)), readonly=readonly, options={})
-                d.read(0, min(d.size, 8 * MiB))
-                d.check()
-                if not readonly:
-                    d.write(0, b"x" * 4096)
-            except VdiskError:
-                pass
-            assert time.monotonic() - t < 5
+    mutated_headers_give_clear_errors(DRIVER_CLASS, small, HOT_OFFSETS)
 
 
 @pytest.mark.parametrize("differencing", [False, True])
 def test_power_loss(tmp_path, differencing):
     """Power loss after every operation (see tests.test_vhdx.crash_walk)."""
-    from tests.test_vhdx import crash_walk
-
     size = 3 * MiB
     parent = None
     if differencing:

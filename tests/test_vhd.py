@@ -17,6 +17,7 @@ import pytest
 
 import vdisk
 from tests.conftest import pattern
+from tests.formats_helpers import api_read_fails, patch, random_model_io, read_file, write_file
 from vdisk.errors import BackingMismatch, CorruptImage, UnsupportedFeature, UsageError
 from vdisk.formats.base import Kind
 from vdisk.formats.vhd import VhdDriver, checksum, geometry
@@ -38,22 +39,6 @@ def _expected(writes: list[tuple[int, bytes]], size: int) -> bytearray:
     for off, data in writes:
         out[off : off + len(data)] = data
     return out
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _put(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def _patch(path: str, off: int, data: bytes) -> None:
-    with open(path, "r+b") as f:
-        f.seek(off)
-        f.write(data)
 
 
 def _driver(path: str, **options) -> VhdDriver:
@@ -105,7 +90,7 @@ def test_reads_converted_random_content(tmp_path, qemu_img):
     ref = str(tmp_path / "r.raw")
     data = bytearray(os.urandom(SIZE))
     data[3 * M : 5 * M] = bytes(2 * M)  # one whole block of zeros
-    _put(ref, data)
+    write_file(ref, data)
     img = str(tmp_path / "c.vhd")
     qemu_img("convert", "-O", "vpc", "-o", "force_size=on", ref, img)
     with vdisk.open(img, readonly=True) as d:
@@ -123,7 +108,7 @@ def test_size_rules_match_qemu(tmp_path, qemu_img):
         qb = qemu_img("info", "--output", "json", b).stdout
         va = qa.split('"virtual-size": ')[1].split(",")[0]
         assert va == qb.split('"virtual-size": ')[1].split(",")[0]
-        assert _read(a)[56:60] == _read(b)[56:60]  # same geometry
+        assert read_file(a)[56:60] == read_file(b)[56:60]  # same geometry
         with vdisk.open(b, readonly=True) as d:
             assert d.size == int(va)
         os.unlink(a)
@@ -135,7 +120,7 @@ def test_size_rules_match_qemu(tmp_path, qemu_img):
     vdisk.create(p, 10 * M, format="vhd", options={"force_size": False})
     chs = _driver(p).size
     assert chs == 10514432
-    raw = bytearray(_read(p))
+    raw = bytearray(read_file(p))
     raw[-512 + 48 : -512 + 56] = struct.pack(">Q", 10 * M)
     raw[:512] = raw[-512:]
     _fix_footer_checksums(p, raw)
@@ -171,7 +156,7 @@ def test_vdisk_writes_qemu_reads(tmp_path, qemu_img, qemu_io, sub, force):
     with vdisk.open(img, readonly=True, format="vhd") as d:
         assert d.read(0, size) == model
     ref = str(tmp_path / "ref.raw")
-    _put(ref, model)
+    write_file(ref, model)
     qemu_img("compare", "-f", "vpc", "-F", "raw", img, ref)
     qemu_io("-f", "vpc", "-c", f"read -P 0x5a {5 * M - 100} 300", img)
     assert qemu_img("check", img, check=False).returncode == 63  # vpc has no check
@@ -196,7 +181,7 @@ def test_write_zeroes_and_discard_dynamic(tmp_path, qemu_img):
     with vdisk.open(img, readonly=True) as d:
         assert d.read(0, SIZE) == model
     ref = str(tmp_path / "ref.raw")
-    _put(ref, model)
+    write_file(ref, model)
     qemu_img("compare", "-f", "vpc", "-F", "raw", img, ref)
 
 
@@ -257,7 +242,7 @@ def test_differencing_locators(tmp_path):
     """The relative and absolute locators (UTF-16LE) and the UTF-16BE name are written;
     a moved chain still opens through the relative locator."""
     _parent, child, model = _chain(tmp_path)
-    raw = _read(child)
+    raw = read_file(child)
     assert "parent.vhd".encode("utf-16-le") in raw
     assert str(tmp_path / "parent.vhd").encode("utf-16-le") in raw
     assert "parent.vhd".encode("utf-16-be") in raw[512 + 64 : 512 + 64 + 512]
@@ -308,8 +293,8 @@ def test_torn_footer_recovered_from_copy(tmp_path):
     vdisk.create(img, SIZE, format="vhd")
     with vdisk.open(img) as d:
         d.write(0, b"\x11" * 4096)
-    raw = _read(img)
-    _put(img, raw[:-512] + b"\x00" * 100)  # footer gone, a torn tail instead
+    raw = read_file(img)
+    write_file(img, raw[:-512] + b"\x00" * 100)  # footer gone, a torn tail instead
     with vdisk.open(img, readonly=True) as d:
         assert d.read(0, 4096) == b"\x11" * 4096
         assert "copy" in d.driver.info()["footer"]
@@ -326,13 +311,13 @@ def _dynamic(tmp_path) -> tuple[str, bytes]:
     vdisk.create(img, SIZE, format="vhd")
     with vdisk.open(img) as d:
         d.write(0, pattern(0, SIZE))
-    return img, _read(img)
+    return img, read_file(img)
 
 
 def _fix_header_checksum(path: str) -> None:
-    raw = bytearray(_read(path)[512:1536])
+    raw = bytearray(read_file(path)[512:1536])
     raw[36:40] = struct.pack(">I", checksum(raw, 36))
-    _patch(path, 512, bytes(raw))
+    patch(path, 512, bytes(raw))
 
 
 def _fix_footer_checksums(path: str, raw: bytearray) -> None:
@@ -340,53 +325,48 @@ def _fix_footer_checksums(path: str, raw: bytearray) -> None:
         f = raw[at : at + 512]
         f[64:68] = struct.pack(">I", checksum(f, 64))
         raw[at : at + 512] = f
-    _put(path, bytes(raw))
-
-
-def _fails(path: str, exc=CorruptImage, match: str | None = None) -> None:
-    with pytest.raises(exc, match=match), vdisk.open(path, readonly=True, format="vhd") as d:
-        d.read(0, d.size)
+    write_file(path, bytes(raw))
 
 
 def test_hostile_footers(tmp_path):
     img, good = _dynamic(tmp_path)
     for cut in (0, 100):
-        _put(img, good[:cut])
-        _fails(img, CorruptImage, "too short")
-    _put(img, b"x" * 4096)
-    _fails(img, CorruptImage, "no VHD footer")
+        write_file(img, good[:cut])
+        api_read_fails(img, "vhd", CorruptImage, "too short")
+    write_file(img, b"x" * 4096)
+    api_read_fails(img, "vhd", CorruptImage, "no VHD footer")
     bad = bytearray(good)
     bad[-512 + 70] ^= 0xFF  # one bit of the unique id: checksum fails, copy at 0 still good
-    _put(img, bytes(bad))
+    write_file(img, bytes(bad))
     with vdisk.open(img, readonly=True) as d:  # falls back to the copy
         assert d.read(0, 4096) == pattern(0, 4096)
     bad[70] ^= 0xFF  # now both footers are bad
-    _put(img, bytes(bad))
-    _fails(img, CorruptImage, "checksum")
+    write_file(img, bytes(bad))
+    api_read_fails(img, "vhd", CorruptImage, "checksum")
     # huge size (with valid checksums): refused before anything is allocated
     bad = bytearray(good)
     for at in (0, len(bad) - 512):
         bad[at + 48 : at + 56] = struct.pack(">Q", 1 << 60)
         bad[at + 28 : at + 32] = b"qem2"
     _fix_footer_checksums(img, bad)
-    _fails(img, CorruptImage, "disk size")
+    api_read_fails(img, "vhd", CorruptImage, "disk size")
     # an unknown disk type
     bad = bytearray(good)
     for at in (0, len(bad) - 512):
         bad[at + 60 : at + 64] = struct.pack(">I", 6)
     _fix_footer_checksums(img, bad)
-    _fails(img, UnsupportedFeature, "disk type")
+    api_read_fails(img, "vhd", UnsupportedFeature, "disk type")
 
 
 def test_hostile_dynamic_header(tmp_path):
     img, good = _dynamic(tmp_path)
 
     def case(off: int, fmt: str, value: int, match: str, fix: bool = True) -> None:
-        _put(img, good)
-        _patch(img, 512 + off, struct.pack(fmt, value))
+        write_file(img, good)
+        patch(img, 512 + off, struct.pack(fmt, value))
         if fix:
             _fix_header_checksum(img)
-        _fails(img, CorruptImage, match)
+        api_read_fails(img, "vhd", CorruptImage, match)
 
     case(16, ">Q", 1 << 40, "BAT")  # BAT offset past the end
     case(28, ">I", 0x7FFFFFFF, "BAT")  # max table entries: huge
@@ -395,30 +375,30 @@ def test_hostile_dynamic_header(tmp_path):
     case(0, ">Q", 0x1234, "cookie")
     case(40, ">I", 0x1234, "checksum", fix=False)
     # a BAT entry pointing past the end of the file
-    _put(img, good)
-    _patch(img, 1536, struct.pack(">I", 0x7FFFFF00))
-    _fails(img, CorruptImage, "BAT entry 0")
+    write_file(img, good)
+    patch(img, 1536, struct.pack(">I", 0x7FFFFF00))
+    api_read_fails(img, "vhd", CorruptImage, "BAT entry 0")
     # a BAT entry pointing into the metadata
-    _put(img, good)
-    _patch(img, 1536, struct.pack(">I", 1))
-    _fails(img, CorruptImage, "BAT entry 0")
-    _put(img, good)
+    write_file(img, good)
+    patch(img, 1536, struct.pack(">I", 1))
+    api_read_fails(img, "vhd", CorruptImage, "BAT entry 0")
+    write_file(img, good)
     with vdisk.open(img, readonly=True) as d:
         assert d.read(0, SIZE) == pattern(0, SIZE)
 
 
 def test_hostile_locator(tmp_path):
     _parent, child, _ = _chain(tmp_path)
-    good = _read(child)
+    good = read_file(child)
     # locator 0 data offset (header + 576 + 16) far past the end
-    _patch(child, 512 + 576 + 16, struct.pack(">Q", 1 << 40))
+    patch(child, 512 + 576 + 16, struct.pack(">Q", 1 << 40))
     _fix_header_checksum(child)
     with pytest.raises(CorruptImage, match="parent locator 0"):
         vdisk.open(child, readonly=True)
     # a control character inside the relative path
-    _put(child, good)
+    write_file(child, good)
     off = struct.unpack(">Q", good[512 + 576 + 16 : 512 + 576 + 24])[0]
-    _patch(child, off + 4, "\n".encode("utf-16-le"))
+    patch(child, off + 4, "\n".encode("utf-16-le"))
     with pytest.raises(CorruptImage, match="control character"):
         vdisk.open(child, readonly=True)
 
@@ -464,7 +444,7 @@ def test_commit_rebase_flatten(tmp_path, qemu_img):
         assert d.driver.backing is None and d.driver.info()["subformat"] == "dynamic"
         assert d.read(0, SIZE) == model
     ref = str(tmp_path / "ref.raw")
-    _put(ref, model)
+    write_file(ref, model)
     qemu_img("compare", "-f", "vpc", "-F", "raw", child, ref)
 
 
@@ -472,39 +452,14 @@ def test_commit_rebase_flatten(tmp_path, qemu_img):
 def test_random_io_other_layouts(tmp_path, qemu_img, opts):
     """The conformance suite covers 2 MiB dynamic disks; the same model test for fixed
     disks and 64 KiB blocks (many block boundaries)."""
-    import random
-
     img = str(tmp_path / "m.vhd")
     vdisk.create(img, SIZE, format="vhd", options=opts)
-    rng = random.Random(str(opts))
-    model = bytearray(SIZE)
-    disk = vdisk.open(img, format="vhd", cache_mb=0.0625)
-    try:
-        for step in range(120):
-            op, off = rng.random(), rng.randrange(0, SIZE - 1)
-            n = min(rng.choice([1, 512, 4096, 65536, 70000, 1 << 20]), SIZE - off)
-            if op < 0.6:
-                data = pattern(off, n, seed=step)
-                disk.write(off, data)
-                model[off : off + n] = data
-            elif op < 0.7:
-                disk.write_zeroes(off, n)
-                model[off : off + n] = bytes(n)
-            elif op < 0.78:
-                disk.discard(off, n)
-                model[off : off + n] = bytes(n)
-            elif op < 0.85:
-                disk.close()
-                disk = vdisk.open(img, format="vhd", cache_mb=0.0625)
-            else:
-                assert disk.read(off, n) == model[off : off + n], f"step {step}"
-    finally:
-        disk.close()
+    model = random_model_io(img, SIZE, str(opts), fmt="vhd", discard=True)
     with vdisk.open(img, readonly=True, format="vhd") as d:
         assert d.read(0, SIZE) == model
         assert d.check().exit_code == 0
     ref = str(tmp_path / "ref.raw")
-    _put(ref, model)
+    write_file(ref, model)
     qemu_img("compare", "-f", "vpc", "-F", "raw", img, ref)
 
 
@@ -565,7 +520,7 @@ def test_check_footer_copy(tmp_path):
     img, good = _dynamic(tmp_path)
     bad = bytearray(good)
     bad[70] ^= 0xFF  # the copy at 0 damaged; the footer at the end is fine
-    _put(img, bytes(bad))
+    write_file(img, bytes(bad))
     with vdisk.open(img, readonly=True) as d:
         assert d.read(0, 4096) == pattern(0, 4096)
         assert d.check().exit_code == 2
@@ -574,7 +529,7 @@ def test_check_footer_copy(tmp_path):
         assert d.check(repair=True).repaired
     finally:
         d.close()
-    assert _read(img) == good
+    assert read_file(img) == good
     with vdisk.open(img, readonly=True) as d:
         assert d.check().exit_code == 0
 
@@ -606,7 +561,7 @@ def test_resize(tmp_path, qemu_img, sub, force):
         info = qemu_img("info", "-f", "vpc", "--output", "json", img).stdout
         assert f'"virtual-size": {new},' in info
         ref = str(tmp_path / "ref.raw")
-        _put(ref, model)
+        write_file(ref, model)
         qemu_img("compare", "-f", "vpc", "-F", "raw", img, ref)
 
 

@@ -16,26 +16,21 @@ import pytest
 
 import vdisk
 from tests.conftest import pattern
+from tests.formats_helpers import (
+    crash_walk,
+    driver_read_fails,
+    mutated_headers_give_clear_errors,
+    open_driver,
+    patch,
+    qemu_raw,
+)
 from vdisk.errors import BackingMismatch, CorruptImage, UnsupportedFeature, VdiskError
 from vdisk.formats import vhdx
 from vdisk.formats.base import Kind
-from vdisk.storage import FileStorage
 
 MiB = 1 << 20
 DRIVER_CLASS = vhdx.VhdxDriver
 HOT_OFFSETS = [0, 64 * 1024, 128 * 1024, 192 * 1024, 2 * MiB, 3 * MiB, 3 * MiB + 65536]
-
-
-def _open(path: str, readonly: bool = True) -> vhdx.VhdxDriver:
-    return vhdx.VhdxDriver.open(FileStorage(path, readonly=readonly), readonly=readonly, options={})
-
-
-def _qemu_raw(qemu_img, path: str, tmp_path: Path) -> bytes:
-    raw = tmp_path / "ref.raw"
-    qemu_img("convert", "-f", "vhdx", "-O", "raw", path, str(raw))
-    data = raw.read_bytes()
-    raw.unlink()
-    return data
 
 
 # writes that cross 1 MiB block boundaries, a sub-block write, a zeroed range
@@ -62,8 +57,8 @@ def test_reads_qemu_images(tmp_path, qemu_img, qemu_io, opts):
     path = str(tmp_path / "q.vhdx")
     qemu_img("create", "-q", "-f", "vhdx", "-o", opts, path, str(9 * MiB + 512))
     qemu_io(*[a for w in QEMU_WRITES for a in ("-c", w)], path)
-    want = _qemu_raw(qemu_img, path, tmp_path)
-    d = _open(path)
+    want = qemu_raw(qemu_img, "vhdx", path, tmp_path)
+    d = open_driver(DRIVER_CLASS, path)
     try:
         assert d.size == 9 * MiB + 512
         assert d.read(0, d.size) == want
@@ -104,7 +99,7 @@ def test_vdisk_writes_pass_qemu_check(tmp_path, qemu_img, subformat):
     ref.write_bytes(model)
     qemu_img("check", path)
     qemu_img("compare", "-f", "vhdx", "-F", "raw", path, str(ref))
-    assert _qemu_raw(qemu_img, path, tmp_path) == bytes(model)
+    assert qemu_raw(qemu_img, "vhdx", path, tmp_path) == bytes(model)
     with vdisk.open(path, readonly=True) as d:
         assert d.read(0, size) == bytes(model)
         assert d.info()["format-specific"]["subformat"] == subformat
@@ -132,7 +127,7 @@ def test_differencing(tmp_path):
         d.write_zeroes(4 * MiB, MiB)
         model[4 * MiB : 5 * MiB] = bytes(MiB)
         assert d.read(0, size) == bytes(model)
-    drv = _open(top)
+    drv = open_driver(DRIVER_CLASS, top)
     try:
         assert drv.backing is not None and drv.backing.path == "base.vhdx"
         kinds = {e.kind for e in drv.block_status(0, size)}
@@ -167,7 +162,7 @@ def test_parent_loop_is_an_error(tmp_path):
 def _make_dirty(path: str) -> tuple[bytes, int]:
     """Put a log entry that rewrites one 4 KiB page and zeroes another into the log of
     ``path`` and point the header at it. Returns the page written and its guest offset."""
-    d = _open(path)
+    d = open_driver(DRIVER_CLASS, path)
     host = d.block_status(0, d.size)[0].host
     h, slot = d.header, d.header_slot
     d.close()
@@ -202,9 +197,9 @@ def test_dirty_log_applied_in_memory_and_replayed(tmp_path, qemu_img, qemu_io):
     copy = str(tmp_path / "copy.vhdx")
     shutil.copy(path, copy)
     qemu_io("-c", "read 0 512", copy)
-    assert _qemu_raw(qemu_img, copy, tmp_path) == bytes(want)
+    assert qemu_raw(qemu_img, "vhdx", copy, tmp_path) == bytes(want)
 
-    d = _open(path)  # read-only: applied in memory, the file is untouched
+    d = open_driver(DRIVER_CLASS, path)  # read-only: applied in memory, the file is untouched
     try:
         assert d.info()["log-applied-in-memory"]
         assert d.read(0, d.size) == bytes(want)
@@ -214,14 +209,14 @@ def test_dirty_log_applied_in_memory_and_replayed(tmp_path, qemu_img, qemu_io):
 
     with vdisk.open(path) as disk:  # writable: replayed, LogGuid cleared
         assert disk.read(0, disk.size) == bytes(want)
-    d = _open(path)
+    d = open_driver(DRIVER_CLASS, path)
     try:
         assert not any(d.header.log_guid)
         assert d.read(0, d.size) == bytes(want)
     finally:
         d.close()
     qemu_img("check", path)
-    assert _qemu_raw(qemu_img, path, tmp_path) == bytes(want)
+    assert qemu_raw(qemu_img, "vhdx", path, tmp_path) == bytes(want)
 
 
 def test_torn_log_entry_is_ignored(tmp_path, qemu_img, qemu_io):
@@ -229,13 +224,13 @@ def test_torn_log_entry_is_ignored(tmp_path, qemu_img, qemu_io):
     qemu_img("create", "-q", "-f", "vhdx", "-o", "block_size=1M", path, "2M")
     qemu_io("-c", "write -P 0x5a 0 2M", path)
     _make_dirty(path)
-    d = _open(path)
+    d = open_driver(DRIVER_CLASS, path)
     log_off = d.header.log_offset
     d.close()
     with open(path, "r+b") as f:  # corrupt the data sector: the entry's CRC no longer matches
         f.seek(log_off + 4096 + 100)
         f.write(b"\xff\xfe")
-    d = _open(path)
+    d = open_driver(DRIVER_CLASS, path)
     try:
         assert d.read(0, d.size) == b"\x5a" * 2 * MiB
     finally:
@@ -253,12 +248,6 @@ def small(tmp_path, qemu_img, qemu_io) -> str:
     return path
 
 
-def _patch(path: str, offset: int, data: bytes) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
-
-
 def _reregion(path: str, fix) -> None:
     """Change the region tables with ``fix(bytearray)`` and restore their CRC."""
     with open(path, "r+b") as f:
@@ -270,30 +259,21 @@ def _reregion(path: str, fix) -> None:
             f.write(vhdx._with_checksum(buf))
 
 
-def _expect(path: str, exc=CorruptImage, match: str | None = None) -> None:
-    with pytest.raises(exc, match=match):
-        d = _open(path)
-        try:
-            d.read(0, d.size)
-        finally:
-            d.close()
-
-
 def test_truncated(small):
     os.truncate(small, 100_000)
-    _expect(small)
+    driver_read_fails(DRIVER_CLASS, small, CorruptImage)
 
 
 def test_wrong_magic(small):
-    _patch(small, 0, b"vhdxfilX")
+    patch(small, 0, b"vhdxfilX")
     assert vhdx.VhdxDriver.probe(Path(small).read_bytes()[:65536], 0) == 0
-    _expect(small, match="file identifier")
+    driver_read_fails(DRIVER_CLASS, small, CorruptImage, match="file identifier")
 
 
 def test_bad_header_crc(small):
     for off in vhdx.HEADER_OFFSETS:
-        _patch(small, off + 40, b"\x01\x02")
-    _expect(small, match="CRC")
+        patch(small, off + 40, b"\x01\x02")
+    driver_read_fails(DRIVER_CLASS, small, CorruptImage, match="CRC")
 
 
 def test_region_past_end(small):
@@ -305,30 +285,30 @@ def test_region_past_end(small):
                 vhdx.REGION_ENTRY.pack_into(buf, at, guid, 1 << 40, length, fl)
 
     _reregion(small, fix)
-    _expect(small, match="past the end")
+    driver_read_fails(DRIVER_CLASS, small, CorruptImage, match="past the end")
 
 
 def test_bat_entry_past_end(small):
-    d = _open(small)
+    d = open_driver(DRIVER_CLASS, small)
     bat = d.bat_offset
     d.close()
-    _patch(small, bat, struct.pack("<Q", (1 << 30) << 20 | vhdx.FULLY_PRESENT))
-    _expect(small, match="BAT entry of block 0")
+    patch(small, bat, struct.pack("<Q", (1 << 30) << 20 | vhdx.FULLY_PRESENT))
+    driver_read_fails(DRIVER_CLASS, small, CorruptImage, match="BAT entry of block 0")
 
 
 def test_huge_size_and_log(small):
-    d = _open(small)
+    d = open_driver(DRIVER_CLASS, small)
     meta = d._meta_item_offset(vhdx.DISK_SIZE_GUID)
     h, slot = d.header, d.header_slot
     d.close()
-    _patch(small, meta, struct.pack("<Q", 1 << 62))
-    _expect(small, match="virtual disk size")
-    _patch(small, meta, struct.pack("<Q", 4 * MiB))
+    patch(small, meta, struct.pack("<Q", 1 << 62))
+    driver_read_fails(DRIVER_CLASS, small, CorruptImage, match="virtual disk size")
+    patch(small, meta, struct.pack("<Q", 4 * MiB))
     h.log_guid = uuid.uuid4().bytes_le
     h.log_length = 1 << 31
     h.seq += 5
-    _patch(small, vhdx.HEADER_OFFSETS[slot], h.pack())
-    _expect(small, UnsupportedFeature, match="log")
+    patch(small, vhdx.HEADER_OFFSETS[slot], h.pack())
+    driver_read_fails(DRIVER_CLASS, small, UnsupportedFeature, match="log")
 
 
 def test_big_disk_bounded_memory(tmp_path):
@@ -386,7 +366,7 @@ def test_commit_flatten_rebase(tmp_path, qemu_img):
         d.write(2 * MiB + 512, b"u" * 512)
     model[2 * MiB + 512 : 2 * MiB + 1024] = b"u" * 512
     ops.rebase(top, None)  # flatten: the top stands alone, qemu can read it now
-    drv = _open(top)
+    drv = open_driver(DRIVER_CLASS, top)
     try:
         assert drv.backing is None and drv.info()["subformat"] == "dynamic"
     finally:
@@ -403,49 +383,25 @@ def test_commit_flatten_rebase(tmp_path, qemu_img):
 
 @pytest.mark.parametrize("target", [1 << 50, 64 * 1024])
 def test_hostile_log_entry(small, target):
-    d = _open(small)
+    d = open_driver(DRIVER_CLASS, small)
     h, slot = d.header, d.header_slot
     d.close()
     guid = uuid.uuid4().bytes_le
     fsize = os.path.getsize(small)
     entry = vhdx.build_log_entry(3, guid, [(target, None)], fsize, fsize)
-    _patch(small, h.log_offset, entry)
+    patch(small, h.log_offset, entry)
     h.log_guid = guid
     h.seq += 1
-    _patch(small, vhdx.HEADER_OFFSETS[1 - slot], h.pack())
-    _expect(small, match="log entry 3 writes")
+    patch(small, vhdx.HEADER_OFFSETS[1 - slot], h.pack())
+    driver_read_fails(DRIVER_CLASS, small, CorruptImage, match="log entry 3 writes")
     with pytest.raises(CorruptImage):
-        _open(small, readonly=False)
+        open_driver(DRIVER_CLASS, small, readonly=False)
     assert os.path.getsize(small) == fsize
 
 
 def test_mutated_headers_give_clear_errors(small):
     """Seeded random damage to the header and tables: only vdisk errors, bounded time."""
-    import random
-    import time
-
-    from vdisk.storage import MemoryStorage
-
-    cls = DRIVER_CLASS
-    orig = Path(small).read_bytes()
-    rng = random.Random(1)
-    for _ in range(60):
-        buf = bytearray(orig)
-        for _ in range(rng.randint(1, 6)):
-            at = rng.choice(HOT_OFFSETS) + rng.randrange(96)
-            if at < len(buf):
-                buf[at] = rng.randrange(256)
-        for readonly in (True, False):
-            t = time.monotonic()
-            try:
-                d = cls.open(MemoryStorage(small, bytes(buf)), readonly=readonly, options={})
-                d.read(0, min(d.size, 8 * MiB))
-                d.check()
-                if not readonly:
-                    d.write(0, b"x" * 4096)
-            except VdiskError:
-                pass
-            assert time.monotonic() - t < 5
+    mutated_headers_give_clear_errors(DRIVER_CLASS, small, HOT_OFFSETS)
 
 
 def test_qemu_killed_mid_write_leaves_a_log_we_replay(tmp_path, qemu_img, qemu_io):
@@ -466,7 +422,7 @@ def test_qemu_killed_mid_write_leaves_a_log_we_replay(tmp_path, qemu_img, qemu_i
         time.sleep(rng.uniform(0.01, 0.09))
         p.send_signal(signal.SIGKILL)
         p.wait()
-        d = _open(path)
+        d = open_driver(DRIVER_CLASS, path)
         dirty = any(d.header.log_guid)
         d.close()
         if dirty:
@@ -476,8 +432,8 @@ def test_qemu_killed_mid_write_leaves_a_log_we_replay(tmp_path, qemu_img, qemu_i
     copy = str(tmp_path / "copy.vhdx")
     shutil.copy(path, copy)
     qemu_io("-c", "read 0 512", copy)  # a read-write open: qemu replays its log
-    want = _qemu_raw(qemu_img, copy, tmp_path)
-    d = _open(path)
+    want = qemu_raw(qemu_img, "vhdx", copy, tmp_path)
+    d = open_driver(DRIVER_CLASS, path)
     try:
         assert d.read(0, d.size) == want
     finally:
@@ -485,7 +441,7 @@ def test_qemu_killed_mid_write_leaves_a_log_we_replay(tmp_path, qemu_img, qemu_i
     with vdisk.open(path) as disk:
         assert disk.read(0, disk.size) == want
     qemu_img("check", path)
-    assert _qemu_raw(qemu_img, path, tmp_path) == want
+    assert qemu_raw(qemu_img, "vhdx", path, tmp_path) == want
 
 
 def test_chunk_boundary(tmp_path, qemu_io):
@@ -507,7 +463,7 @@ def test_chunk_boundary(tmp_path, qemu_io):
         assert d.read(edge + 65536, 4096) == bytes(4096)
         assert d.read(edge + MiB, 4096) == b"q" * 4096
         assert d.read(size - 512, 512) == b"e" * 512
-    drv = _open(top)
+    drv = open_driver(DRIVER_CLASS, top)
     try:
         assert drv.check().exit_code == 0
         assert drv.bat.count == 2 * (drv.chunk_ratio + 1)
@@ -516,78 +472,6 @@ def test_chunk_boundary(tmp_path, qemu_io):
 
 
 # -- power loss at every operation ----------------------------------------------------------------
-
-
-def crash_walk(cls, size: int, opts: dict, seed: int, *, parent=None, open_opts=None) -> int:
-    """Run a random workload on a recording FaultyStorage, then cut the power after every
-    operation (unsynced writes dropped, or a random subset reordered). Each crash image
-    must open, check without corruption, and every 4 KiB page must hold a version that
-    was current at the last completed flush or written after it: never older, never
-    garbage. ``parent`` is (driver, bytes) for a differencing image. Returns the number
-    of crash images checked."""
-    from vdisk.storage import MemoryStorage
-    from vdisk.storage.faulty import FaultyStorage
-
-    page = 4096
-    npages = size // page
-    fs = FaultyStorage()
-    if parent is not None:
-        opts = {**opts, "backing": vdisk.formats.base.BackingRef("parent", cls.name)}
-        opts["backing_driver"] = parent[0]
-    cls.create(fs, size, opts)
-    fs.sync()  # as vdisk.create does
-    start = len(fs.log)
-    d = cls.open(fs, readonly=False, options=dict(open_opts or {}))
-    base = parent[1] if parent is not None else bytes(size)
-    cur = [base[i * page : (i + 1) * page] for i in range(npages)]
-    unit = d.cluster_size if parent is not None else page
-    rng = random.Random(seed)
-    flushes: list[tuple[int, list[bytes]]] = [(start, list(cur))]
-    writes: list[tuple[int, int, bytes]] = []  # (start op, page, value)
-    for step in range(30):
-        r = rng.random()
-        first = rng.randrange(size // unit) * unit
-        n = min(unit * rng.randint(1, 3), size - first)
-        at = len(fs.log)
-        if r < 0.6:
-            data = b"".join(
-                struct.pack("<HI", step, p).ljust(page, bytes([step + 1]))
-                for p in range(first // page, (first + n) // page)
-            )
-            d.write(first, data)
-        elif r < 0.75:
-            d.write_zeroes(first, n)
-            data = bytes(n)
-        else:
-            d.flush()
-            flushes.append((len(fs.log), list(cur)))
-            continue
-        for p in range(first // page, (first + n) // page):
-            cur[p] = data[(p - first // page) * page : (p - first // page + 1) * page]
-            writes.append((at, p, cur[p]))
-    d.flush()
-    flushes.append((len(fs.log), list(cur)))
-    checked = 0
-    for k in range(start, len(fs.log) + 1):
-        done = max((f for f in flushes if f[0] <= k), key=lambda f: f[0])
-        allowed = [{v} for v in done[1]]
-        for at, p, v in writes:
-            if done[0] <= at < k:
-                allowed[p].add(v)
-        for policy in ("drop", "reorder"):
-            img = fs.crash_image(k, unsynced=policy, rng=random.Random(k))
-            c = cls.open(MemoryStorage("crash", img), readonly=True, options=dict(open_opts or {}))
-            rep = c.check()
-            assert not rep.corruptions, f"op {k} {policy}: {rep.corruptions[:3]}"
-            content = bytearray(c.read(0, size))
-            for e in c.block_status(0, size):
-                if e.kind == Kind.HOLE:
-                    content[e.offset : e.end] = base[e.offset : e.end]
-            for p in range(npages):
-                got = bytes(content[p * page : (p + 1) * page])
-                assert got in allowed[p], f"op {k} {policy}: page {p} holds no allowed version"
-            checked += 1
-    return checked
 
 
 @pytest.mark.parametrize("differencing", [False, True])
@@ -615,7 +499,7 @@ def test_unpinned_parent_loop(tmp_path):
     vdisk.create(a, 2 * MiB, format="vhdx", cluster_size=MiB)
     vdisk.create(b, None, format="vhdx", backing="a.vhdx")
     for path, other in ((a, "b.vhdx"), (b, "a.vhdx")):
-        d = _open(path, readonly=False)
+        d = open_driver(DRIVER_CLASS, path, readonly=False)
         try:
             d.set_backing(BackingRef(other, "vhdx"), None)
         finally:
@@ -630,7 +514,7 @@ def test_log_sequence_wraps_around(tmp_path, qemu_img, qemu_io):
     path = str(tmp_path / "wrap.vhdx")
     qemu_img("create", "-q", "-f", "vhdx", "-o", "block_size=1M", path, "2M")
     qemu_io("-c", "write -P 0x5a 0 2M", path)
-    d = _open(path)
+    d = open_driver(DRIVER_CLASS, path)
     host = d.block_status(0, d.size)[0].host
     h, slot = d.header, d.header_slot
     d.close()
@@ -643,18 +527,18 @@ def test_log_sequence_wraps_around(tmp_path, qemu_img, qemu_io):
         6, guid, [(host, b"\x03" * 4096), (host + 8192, None)], fsize, fsize, old_at
     )
     assert len(older) == 8192
-    _patch(path, h.log_offset + old_at, older)
-    _patch(path, h.log_offset, newer)
+    patch(path, h.log_offset + old_at, older)
+    patch(path, h.log_offset, newer)
     h.log_guid, h.seq = guid, h.seq + 1
-    _patch(path, vhdx.HEADER_OFFSETS[1 - slot], h.pack())
+    patch(path, vhdx.HEADER_OFFSETS[1 - slot], h.pack())
     want = bytearray(b"\x5a" * 2 * MiB)
     want[0:4096] = b"\x03" * 4096
     want[8192:12288] = bytes(4096)
     copy = str(tmp_path / "copy.vhdx")
     shutil.copy(path, copy)
     qemu_io("-c", "read 0 512", copy)
-    assert _qemu_raw(qemu_img, copy, tmp_path) == bytes(want)
-    d = _open(path)
+    assert qemu_raw(qemu_img, "vhdx", copy, tmp_path) == bytes(want)
+    d = open_driver(DRIVER_CLASS, path)
     try:
         assert d.read(0, d.size) == bytes(want)
     finally:
@@ -682,12 +566,12 @@ def test_resize_qemu_fixed_short_last_block(tmp_path, qemu_img, qemu_io):
 def test_one_bad_copy_is_survived(small):
     """A torn header or region table is covered by the other copy."""
     want = b"\x33" * 2 * MiB + bytes(2 * MiB)
-    d = _open(small)
+    d = open_driver(DRIVER_CLASS, small)
     slot = d.header_slot
     d.close()
-    _patch(small, vhdx.HEADER_OFFSETS[slot] + 100, b"torn")
-    _patch(small, vhdx.REGION_OFFSETS[0] + 40, b"torn")
-    d = _open(small)
+    patch(small, vhdx.HEADER_OFFSETS[slot] + 100, b"torn")
+    patch(small, vhdx.REGION_OFFSETS[0] + 40, b"torn")
+    d = open_driver(DRIVER_CLASS, small)
     try:
         assert d.header_slot == 1 - slot
         assert d.read(0, d.size) == want
@@ -695,7 +579,7 @@ def test_one_bad_copy_is_survived(small):
         d.close()
     with vdisk.open(small) as disk:  # writing rewrites both headers
         disk.write(0, b"w" * 512)
-    d = _open(small)
+    d = open_driver(DRIVER_CLASS, small)
     try:
         assert d.read(0, 512) == b"w" * 512
     finally:

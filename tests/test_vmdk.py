@@ -15,6 +15,7 @@ import pytest
 
 import vdisk
 from tests.conftest import pattern
+from tests.formats_helpers import api_read_fails, patch, random_model_io, read_file, write_file
 from vdisk.errors import (
     BackingMismatch,
     CorruptImage,
@@ -43,10 +44,6 @@ SUBFORMATS = [
     "twoGbMaxExtentFlat",
     "streamOptimized",
 ]
-
-
-def _model_write(model: dict[int, bytes], off: int, data: bytes) -> None:
-    model[off] = data
 
 
 def _expected(writes: list[tuple[int, bytes]], off: int, n: int) -> bytes:
@@ -265,7 +262,7 @@ def test_parent_chain_both_ways(tmp_path, qemu_img, qemu_io):
 def test_parent_loop(tmp_path):
     img = str(tmp_path / "loop.vmdk")
     vdisk.create(img, 1 * M, format="vmdk", options={"subformat": "monolithicFlat"})
-    text = _read(img).decode()
+    text = read_file(img).decode()
     cid = next(ln.split("=")[1] for ln in text.splitlines() if ln.startswith("CID="))
     text = text.replace("parentCID=ffffffff", f'parentCID={cid}\nparentFileNameHint="loop.vmdk"')
     with open(img, "w") as f:
@@ -292,35 +289,14 @@ def _sparse(tmp_path, size: int = 4 * M) -> str:
     return img
 
 
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _put(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def _patch(path: str, off: int, data: bytes) -> None:
-    with open(path, "r+b") as f:
-        f.seek(off)
-        f.write(data)
-
-
-def _open_fails(path: str, exc=CorruptImage, match: str | None = None) -> None:
-    with pytest.raises(exc, match=match), vdisk.open(path, readonly=True, format="vmdk") as d:
-        d.read(0, d.size)
-
-
 def test_hostile_header_fields(tmp_path):
     img = _sparse(tmp_path)
-    good = _read(img)
+    good = read_file(img)
 
     def case(off: int, fmt: str, value: int, match: str, exc=CorruptImage) -> None:
-        _put(img, good)
-        _patch(img, off, struct.pack(fmt, value))
-        _open_fails(img, exc, match)
+        write_file(img, good)
+        patch(img, off, struct.pack(fmt, value))
+        api_read_fails(img, "vmdk", exc, match)
 
     case(0, "<I", 0x12345678, "magic")
     case(4, "<I", 9, "version", UnsupportedFeature)
@@ -331,23 +307,23 @@ def test_hostile_header_fields(tmp_path):
     case(56, "<Q", 1 << 40, "gdOffset")  # GD past the end
     case(73, "<B", ord("x"), "newline")  # text-mode transfer damage
     # a GD entry pointing past the end of the file: refused when the table is used
-    _put(img, good)
+    write_file(img, good)
     gd = struct.unpack_from("<Q", good, 56)[0] * 512
-    _patch(img, gd, struct.pack("<I", 0x7FFFFFF0))
-    _open_fails(img, CorruptImage, "past the end")
+    patch(img, gd, struct.pack("<I", 0x7FFFFFF0))
+    api_read_fails(img, "vmdk", CorruptImage, "past the end")
     # a grain entry pointing past the end
-    _put(img, good)
+    write_file(img, good)
     gt = struct.unpack_from("<I", good, gd)[0] * 512
-    _patch(img, gt + 4, struct.pack("<I", 0x7FFFFFF0))
-    _open_fails(img, CorruptImage, "outside the file")
-    _put(img, good)
+    patch(img, gt + 4, struct.pack("<I", 0x7FFFFFF0))
+    api_read_fails(img, "vmdk", CorruptImage, "outside the file")
+    write_file(img, good)
     with vdisk.open(img, readonly=True) as d:
         assert d.read(0, 4 * M) == pattern(0, 4 * M)
 
 
 def test_truncated_and_wrong_magic(tmp_path):
     img = _sparse(tmp_path)
-    good = _read(img)
+    good = read_file(img)
     for cut in (0, 100, 600, 64 * K, len(good) - 4096):
         with open(img, "wb") as f:
             f.write(good[:cut])
@@ -355,7 +331,7 @@ def test_truncated_and_wrong_magic(tmp_path):
             d.read(0, d.size)
     with open(img, "wb") as f:
         f.write(b"hello world, not an image" * 100)
-    _open_fails(img, CorruptImage, "descriptor")
+    api_read_fails(img, "vmdk", CorruptImage, "descriptor")
 
 
 def test_stream_hostile(tmp_path, qemu_img):
@@ -363,22 +339,22 @@ def test_stream_hostile(tmp_path, qemu_img):
     vdisk.create(img, 1 * M, format="vmdk", options={"subformat": "streamOptimized"})
     with vdisk.open(img) as d:
         d.write(0, pattern(0, 1 * M))
-    good = _read(img)
+    good = read_file(img)
     # damaged deflate data in the first grain
-    _patch(img, 128 * 512 + 12 + 20, b"\xff" * 16)
-    _open_fails(img, CorruptImage, "grain 0")
+    patch(img, 128 * 512 + 12 + 20, b"\xff" * 16)
+    api_read_fails(img, "vmdk", CorruptImage, "grain 0")
     # a grain marker naming another LBA
-    _put(img, good)
-    _patch(img, 128 * 512, struct.pack("<Q", 12345))
-    _open_fails(img, CorruptImage, "grain marker")
+    write_file(img, good)
+    patch(img, 128 * 512, struct.pack("<Q", 12345))
+    api_read_fails(img, "vmdk", CorruptImage, "grain marker")
     # a compressed size far beyond a grain (decompression bombs are bounded too)
-    _put(img, good)
-    _patch(img, 128 * 512 + 8, struct.pack("<I", 1 << 30))
-    _open_fails(img, CorruptImage, "claims")
+    write_file(img, good)
+    patch(img, 128 * 512 + 8, struct.pack("<I", 1 << 30))
+    api_read_fails(img, "vmdk", CorruptImage, "claims")
     # the footer cut off
     with open(img, "wb") as f:
         f.write(good[:-1024])
-    _open_fails(img, CorruptImage, "footer")
+    api_read_fails(img, "vmdk", CorruptImage, "footer")
 
 
 DESC = """# Disk DescriptorFile
@@ -448,11 +424,11 @@ def test_descriptor_ok_and_limits(tmp_path):
 
 def test_embedded_descriptor_must_match_capacity(tmp_path):
     img = _sparse(tmp_path)
-    raw = bytearray(_read(img))
+    raw = bytearray(read_file(img))
     i = raw.index(b"RW 8192 SPARSE")
     raw[i : i + 14] = b"RW 8190 SPARSE"
-    _put(img, raw)
-    _open_fails(img, CorruptImage, "capacity")
+    write_file(img, raw)
+    api_read_fails(img, "vmdk", CorruptImage, "capacity")
 
 
 def test_probe_and_options(tmp_path):
@@ -510,10 +486,10 @@ def test_commit_rebase_flatten(tmp_path, qemu_img):
     with vdisk.open(child, readonly=True) as d:
         assert d.driver.backing is None
         assert d.read(0, 8 * M) == model
-    assert "parentFileNameHint" not in _read(child)[512 : 21 * 512].decode("latin-1")
+    assert "parentFileNameHint" not in read_file(child)[512 : 21 * 512].decode("latin-1")
     assert qemu_img("check", child, check=False).returncode == 0
     ref = str(tmp_path / "ref.raw")
-    _put(ref, model)
+    write_file(ref, model)
     qemu_img("compare", "-f", "vmdk", "-F", "raw", child, ref)
 
 
@@ -521,37 +497,15 @@ def test_commit_rebase_flatten(tmp_path, qemu_img):
 def test_random_io_other_subformats(tmp_path, qemu_img, sub):
     """The conformance suite covers monolithicSparse; the same model test for the others
     (stream-optimized: partial rewrites of compressed grains, zeroes, reopen)."""
-    import random
-
     size = (8 << 20) + 3 * 512
     img = str(tmp_path / "m.vmdk")
     vdisk.create(img, size, format="vmdk", options={"subformat": sub})
-    rng = random.Random(sub)
-    model = bytearray(size)
-    disk = vdisk.open(img, cache_mb=0.0625)
-    try:
-        for step in range(120):
-            op, off = rng.random(), rng.randrange(0, size - 1)
-            n = min(rng.choice([1, 512, 4096, 65536, 70000, 1 << 20]), size - off)
-            if op < 0.6:
-                data = pattern(off, n, seed=step)
-                disk.write(off, data)
-                model[off : off + n] = data
-            elif op < 0.75:
-                disk.write_zeroes(off, n)
-                model[off : off + n] = bytes(n)
-            elif op < 0.85:
-                disk.close()
-                disk = vdisk.open(img, cache_mb=0.0625)
-            else:
-                assert disk.read(off, n) == model[off : off + n], f"step {step}"
-    finally:
-        disk.close()
+    model = random_model_io(img, size, sub, fmt=None, discard=False)
     with vdisk.open(img, readonly=True) as d:
         assert d.read(0, size) == model
     assert qemu_img("check", img, check=False).returncode == 0
     ref = str(tmp_path / "ref.raw")
-    _put(ref, model)
+    write_file(ref, model)
     qemu_img("compare", "-f", "vmdk", "-F", "raw", img, ref)
 
 
@@ -588,12 +542,12 @@ def test_grain_tables_allocated_on_demand(tmp_path, qemu_img):
     write into that range appends a GT and its redundant copy, and qemu reads the result."""
     img = str(tmp_path / "g.vmdk")
     vdisk.create(img, 96 * M, format="vmdk")  # 3 grain tables of 32 MiB
-    raw = bytearray(_read(img))
+    raw = bytearray(read_file(img))
     rgd = struct.unpack_from("<Q", raw, 48)[0] * 512
     gd = struct.unpack_from("<Q", raw, 56)[0] * 512
     for base in (gd, rgd):
         raw[base + 4 : base + 12] = bytes(8)  # GTs 1 and 2 not allocated
-    _put(img, bytes(raw))
+    write_file(img, bytes(raw))
     with vdisk.open(img, readonly=True) as d:
         assert d.read(32 * M - 4096, 8192) == bytes(8192)
         assert d.block_status(32 * M, 64 * M)[0].kind == Kind.HOLE
@@ -609,7 +563,7 @@ def test_grain_tables_allocated_on_demand(tmp_path, qemu_img):
         assert d.check().exit_code == 0
     assert qemu_img("check", img, check=False).returncode == 0
     ref = str(tmp_path / "ref.raw")
-    _put(ref, model)
+    write_file(ref, model)
     qemu_img("compare", "-f", "vmdk", "-F", "raw", img, ref)
 
 
