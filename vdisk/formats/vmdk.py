@@ -472,6 +472,10 @@ def _validate_header(h: _Header, file_size: int, where: str, footer: bool = Fals
             )
 
 
+#: _Sparse._check_layout sorts at most this many spans (grains and tables): ~200 MB
+MAX_LAYOUT_SPANS = 2 << 20
+
+
 def _gd_entries(h: _Header) -> int:
     cover = h.grain * h.gtes
     return (h.capacity + cover - 1) // cover
@@ -511,6 +515,7 @@ class _Sparse:
         self.eof = _align(self.file_size)
         self.dirty_gts: dict[int, array[int]] = {}  # GD-at-end mode: GTs not yet written out
         self.tail_open = False  # GD-at-end mode: the trailer was cut off for appending
+        self.layout_checked = False  # no grain overlaps another or the metadata
         self._last: tuple[int, bytes] | None = None  # last decompressed grain
         #: while write_many runs: GT entries of new grains, written after a barrier
         self.pending: dict[int, int] | None = None
@@ -766,6 +771,43 @@ class _Sparse:
         self.gd[gi] = at // SECTOR + 1
         self.drv.gt_cache.put((self.index, gi), t)
 
+    def _check_layout(self) -> None:
+        """Before the first in-place write of a session: no grain may overlap another
+        grain, a grain table or a grain directory, or the write would silently change a
+        second guest grain or the metadata. One sort of every allocated span (skipped,
+        to bound memory, past MAX_LAYOUT_SPANS of them)."""
+        names = ("grain", "grain table", "redundant GT", "grain directory", "RGD", "descriptor")
+        gts = -(-self.gt_bytes // SECTOR)
+        hh = self.footer or self.h
+        gd_sectors = -(-len(self.gd) * 4 // SECTOR)
+        spans = [(hh.gd, gd_sectors, 3, 0)]  # (start sector, sectors, kind, index)
+        if self.rgd is not None:
+            spans.append((hh.rgd, gd_sectors, 4, 0))
+        if self.h.desc_offset:
+            spans.append((self.h.desc_offset, self.h.desc_size, 5, 0))
+        for kind, table in ((1, self.gd), (2, self.rgd)):
+            spans.extend((off, gts, kind, gi) for gi, off in enumerate(table or ()) if off)
+        for gi in range(len(self.gd)):
+            t = self._gt(gi)
+            if t is None:
+                continue
+            if len(spans) > MAX_LAYOUT_SPANS:
+                self.layout_checked = True
+                return
+            base = gi * self.h.gtes
+            spans.extend((e, self.h.grain, 0, base + i) for i, e in enumerate(t) if e > GTE_ZEROED)
+        spans.sort()
+        for i in range(1, len(spans)):
+            a, n, ka, ia = spans[i - 1]
+            c, _m, kc, ic = spans[i]
+            if a + n > c:
+                raise CorruptImage(
+                    f"{self.where}: refusing to write: {names[ka]} {ia} (sector {a}, {n} "
+                    f"sectors) overlaps {names[kc]} {ic} at sector {c} (vdisk check lists "
+                    "every problem)"
+                )
+        self.layout_checked = True
+
     def write(self, off: int, data: bytes) -> None:
         pos = 0
         for g, within, k, e in self._spans(off, len(data)):
@@ -781,6 +823,8 @@ class _Sparse:
         if not allocated and not any(piece) and (e == GTE_ZEROED or not self.drv.has_parent):
             return  # already reads as zeros in this layer
         if allocated and not self.compressed:
+            if not self.layout_checked:
+                self._check_layout()
             self.storage.pwrite(self._host(g, e, within, len(piece)), piece)
             return
         if len(piece) == self.grain:
