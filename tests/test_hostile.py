@@ -55,7 +55,7 @@ def _mutants(seed: Any) -> list[tuple[str, bytes]]:
     """A fixed selection: truncations, extreme values in header fields, random mutants."""
     data = Path(seed.path).read_bytes()
     rng = random.Random(f"hostile-{seed.name}")
-    m = fuzz.Mutator(data, rng)
+    m = fuzz.Mutator(data, rng, seed.fmt)
     truncs = list(m.truncations())
     cases = rng.sample(truncs, min(N_TRUNC, len(truncs)))
     points = m.sweep_points(seed.byteorder)
@@ -76,7 +76,10 @@ def _outcomes(name: str, directory: str) -> list[tuple[str, str, dict[str, Any]]
         path = os.path.join(out_dir, f"m{i:03d}{ext}")
         Path(path).write_bytes(data)
         # every fifth one is probed rather than named: the probe must cope too
-        cases.append((desc, path, {"path": path, "fmt": None if i % 5 == 4 else seed.fmt}))
+        probe = i % 5 == 4
+        cases.append(
+            (desc, path, {"path": path, "fmt": None if probe else seed.fmt, "writes": not probe})
+        )
     half = len(cases) // 2
     with ThreadPoolExecutor(2) as pool:
         parts = [

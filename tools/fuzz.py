@@ -29,6 +29,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -193,12 +194,55 @@ def metadata_sectors(data: bytes) -> list[int]:
     return out or [0]
 
 
-class Mutator:
-    """Structured random mutations of one seed, biased to its header and metadata."""
+def fix_checksums(fmt: str | None, buf: bytearray) -> None:
+    """Recompute the header checksums of ``fmt`` that a mutation broke, so that the
+    mutation gets past them to the field validation behind (VHD footer and dynamic
+    header, VHDX headers and region tables, vdisk header copies)."""
+    n = len(buf)
+    if fmt == "vhd":
+        from vdisk.formats.vhd import DYN_CSUM_AT, FOOTER_CSUM_AT, checksum
 
-    def __init__(self, data: bytes, rng: random.Random) -> None:
+        for foot in {0, n - 512}:
+            if foot >= 0 and buf[foot : foot + 8] == b"conectix":
+                at = foot + FOOTER_CSUM_AT
+                struct.pack_into(">I", buf, at, checksum(buf[foot : foot + 512], FOOTER_CSUM_AT))
+        dyn = int.from_bytes(buf[16:24], "big") if n >= 512 else 0
+        if dyn > 0 and dyn + 1024 <= n and buf[dyn : dyn + 8] == b"cxsparse":
+            struct.pack_into(
+                ">I", buf, dyn + DYN_CSUM_AT, checksum(buf[dyn : dyn + 1024], DYN_CSUM_AT)
+            )
+    elif fmt == "vhdx":
+        from vdisk.formats.vhdx import crc32c
+
+        for off, length in (
+            (64 * K, 4 * K),
+            (128 * K, 4 * K),
+            (192 * K, 64 * K),
+            (256 * K, 64 * K),
+        ):
+            if off + length <= n:
+                struct.pack_into("<I", buf, off + 4, 0)
+                struct.pack_into("<I", buf, off + 4, crc32c(buf[off : off + length]))
+    elif fmt == "vdisk":
+        from vdisk.cache import codec
+
+        for off in (0, 4096):
+            if off + 16 > n:
+                continue
+            length = int.from_bytes(buf[off + 12 : off + 16], "little")
+            if 16 <= length <= 4096 and off + length <= n:
+                digest = codec.checksum(bytes(buf[off : off + length - 8]))
+                struct.pack_into("<Q", buf, off + length - 8, digest)
+
+
+class Mutator:
+    """Structured random mutations of one seed, biased to its header and metadata.
+    With ``fmt``, most mutants get their header checksums recomputed (fix_checksums)."""
+
+    def __init__(self, data: bytes, rng: random.Random, fmt: str | None = None) -> None:
         self.data = data
         self.rng = rng
+        self.fmt = fmt
         self.meta = metadata_sectors(data)
 
     def _pos(self) -> int:
@@ -225,9 +269,30 @@ class Mutator:
         )
         return f"truncate@{cut}", self.data[:cut]
 
+    def _alias(self, buf: bytearray) -> str:
+        """Copy a non-zero aligned word of a metadata sector over another one in it: two
+        table entries (BAT, L2, grain table, block map) then name the same host block."""
+        sector = self.rng.choice(self.meta)
+        width = self.rng.choice((4, 8))
+        words = [
+            p
+            for p in range(sector, min(len(buf), sector + 512) - width + 1, width)
+            if any(buf[p : p + width])
+        ]
+        if not words:
+            return "noop"
+        src = self.rng.choice(words)
+        dst = sector + width * self.rng.randrange(512 // width)
+        if dst + width > len(buf):
+            return "noop"
+        buf[dst : dst + width] = buf[src : src + width]
+        return f"alias{8 * width}@{src}->{dst}"
+
     def _set(self, buf: bytearray) -> str:
         pos = self._pos()
-        kind = self.rng.randrange(3)
+        kind = self.rng.randrange(4)
+        if kind == 3:
+            return self._alias(buf)
         if kind == 0:
             bit = self.rng.randrange(8)
             buf[pos] ^= 1 << bit
@@ -256,6 +321,9 @@ class Mutator:
         buf = bytearray(self.data)
         count = 1 if r < 0.75 else self.rng.randint(2, 8)
         desc = [self._set(buf) for _ in range(count)]
+        if self.fmt in ("vhd", "vhdx", "vdisk") and self.rng.random() < 0.7:
+            fix_checksums(self.fmt, buf)
+            desc.append("+checksums")
         if self.rng.random() < 0.05:
             desc.append("+truncate")
             del buf[self.rng.randrange(len(buf)) :]
@@ -303,9 +371,10 @@ class Mutator:
         return out
 
     def apply(self, pos: int, raw: bytes) -> tuple[str, bytes]:
-        """One sweep point as a mutant."""
+        """One sweep point as a mutant (header checksums recomputed)."""
         buf = bytearray(self.data)
         buf[pos : pos + len(raw)] = raw
+        fix_checksums(self.fmt, buf)
         return f"set {raw.hex()}@{pos}", bytes(buf)
 
     def sweep(self, order: str) -> Iterator[tuple[str, bytes]]:
@@ -390,18 +459,39 @@ def _digest(path: str) -> str:
         return "missing"
 
 
-def run_one(path: str, fmt: str | None, timeout: float) -> dict[str, Any]:
-    """Exercise one image under the time limit; classify the outcome."""
+def exercise_writes(path: str, fmt: str | None) -> str:
+    """Write across cluster boundaries (start, middle, end of the disk), flush, close,
+    reopen read-only: what was written must read back, or a VdiskError say why not.
+    A hostile table that makes an allocation land on live metadata shows up here."""
+    import vdisk
+
+    with vdisk.open(path, format=fmt, cache_mb=4, commit_interval=None) as d:
+        size, cs = d.size, max(512, d.cluster_size)
+        spots = [cs - 100, size // 2 - cs // 3, size - cs - 700]
+        writes = []
+        for off in spots:
+            n = min(cs + 200, size - off) if off >= 0 else 0
+            if n > 0 and all(off >= o + len(b) or off + n <= o for o, b in writes):
+                writes.append((off, _pattern(off, n, 99)))
+        for off, data in writes:
+            d.write(off, data)
+        d.flush()
+    with vdisk.open(path, format=fmt, readonly=True, cache_mb=4) as d:
+        for off, data in writes:
+            assert d.read(off, len(data)) == data, f"write at {off}+{len(data)} reads back wrong"
+    return "ok"
+
+
+def _guarded(fn: Any, timeout: float) -> dict[str, Any]:
+    """Run fn() under the time limit and classify how it ended."""
     from vdisk.errors import VdiskError
 
-    before = _digest(path)
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.setitimer(signal.ITIMER_REAL, timeout)
     t0 = time.monotonic()
-    state: dict[str, Any] = {}
     res: dict[str, Any]
     try:
-        exercise(path, fmt, state)
+        fn()
         res = {"outcome": "ok"}
     except Hang:
         res = {"outcome": "hang", "detail": traceback.format_exc(limit=-8)}
@@ -416,9 +506,43 @@ def run_one(path: str, fmt: str | None, timeout: float) -> dict[str, Any]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
     res["seconds"] = round(time.monotonic() - t0, 3)
+    return res
+
+
+def _open_writable(path: str, fmt: str | None) -> None:
+    import vdisk
+
+    vdisk.open(path, format=fmt, commit_interval=None).close()
+
+
+def run_one(path: str, fmt: str | None, timeout: float, writes: bool = False) -> dict[str, Any]:
+    """Exercise one image read-only under the time limit and classify the outcome. An
+    image refused at open is also opened for writing: refused again, it must be
+    unchanged. With ``writes``, a copy of an image that reads cleanly is written to."""
+    before = _digest(path)
+    state: dict[str, Any] = {}
+    res = _guarded(lambda: exercise(path, fmt, state), timeout)
     res.update(state)
     if res["outcome"] in ("ok", "error") and _digest(path) != before:
-        res = {"outcome": "modified", "detail": "a read-only open changed the image file"}
+        return {"outcome": "modified", "detail": "a read-only open changed the image file"}
+    if res["outcome"] == "error" and state.get("phase") == "open":
+        rw = _guarded(lambda: _open_writable(path, fmt), timeout)
+        if rw["outcome"] not in ("ok", "error"):
+            return {**rw, "phase": "open for writing"}
+        if rw["outcome"] == "error" and _digest(path) != before:
+            return {"outcome": "modified", "detail": f"a refused writable open changed it: {rw}"}
+    if writes and res["outcome"] == "ok":
+        copy = path + ".w"
+        shutil.copyfile(path, copy)
+        try:
+            wr = _guarded(lambda: exercise_writes(copy, fmt), timeout)
+        finally:
+            for leftover in (copy, copy + ".lock"):
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
+        res["writes"] = wr["outcome"]
+        if wr["outcome"] not in ("ok", "error"):
+            return {**wr, "phase": "writes"}
     return res
 
 
@@ -432,7 +556,7 @@ def worker_main() -> None:
     jobs = json.load(sys.stdin)
     for i, job in enumerate(jobs["items"]):
         print(json.dumps({"start": i}), flush=True)
-        res = run_one(job["path"], job["fmt"], jobs["timeout"])
+        res = run_one(job["path"], job["fmt"], jobs["timeout"], job.get("writes", False))
         res["i"] = i
         print(json.dumps(res), flush=True)
 
@@ -441,7 +565,6 @@ def cli_worker_main() -> None:
     """Run many `vdisk` command lines in one process (JSON list of argv on stdin), each
     through the real entry point with its own stderr; prints one JSON list of results.
     Saves a Python start-up per command where a test runs dozens of them."""
-    import contextlib
     import io
     import logging
 
@@ -579,7 +702,7 @@ def fuzz(
     sources: dict[str, Iterator[tuple[str, bytes]]] = {}
     for s in seeds:
         with open(s.path, "rb") as f:
-            m = Mutator(f.read(), random.Random(rng.random()))
+            m = Mutator(f.read(), random.Random(rng.random()), s.fmt)
         sources[s.name] = (
             itertools.chain(m.truncations(), m.sweep(s.byteorder)) if sweep else m.mutants()
         )
@@ -597,7 +720,8 @@ def fuzz(
             with open(p, "wb") as f:
                 f.write(data)
             probe = rng.random() < 0.2
-            cases.append((desc, data, probe, {"path": p, "fmt": None if probe else seed.fmt}))
+            job = {"path": p, "fmt": None if probe else seed.fmt, "writes": not probe}
+            cases.append((desc, data, probe, job))
         res = run_batch([c[3] for c in cases], timeout=timeout, cwd=d) if cases else []
         shutil.rmtree(d, ignore_errors=True)
         return [(c[0], c[1], c[2], r) for c, r in zip(cases, res)]
