@@ -1126,6 +1126,10 @@ class VmdkDriver(Driver):
         if not e.writable:
             raise ReadOnlyImage(f"{self.storage.path}: extent is read-only (RDONLY or ZERO)")
         if not self.cid_bumped:
+            # the layout check before the CID changes: a refused write changes nothing
+            for x in self.extents:
+                if isinstance(x, _Sparse) and not x.compressed and not x.layout_checked:
+                    x._check_layout()
             self._bump_cid()
 
     def write(self, offset: int, data: bytes) -> None:
