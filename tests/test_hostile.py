@@ -262,3 +262,62 @@ def test_native_data_bit_flips_raise_checksum_mismatch(tmp_path: Path) -> None:
     Path(img).write_bytes(pristine)
     with vdisk.open(img, readonly=True) as d:
         assert all(d.read(i * cs, cs) == data for i, data in clusters.items())
+
+
+# -- aliased blocks: a write must never silently change a second guest block ----------
+
+
+def _table(name: str, data: bytes) -> tuple[int, str, int]:
+    """(offset, struct format of one entry, number of entries) of the table that maps a
+    seed's guest blocks: VDI block map, Parallels BAT, VHD BAT, VHDX BAT, VMDK grain table."""
+    u32le = lambda at: int.from_bytes(data[at : at + 4], "little")  # noqa: E731
+    if name == "vdi":
+        return u32le(0x154), "<I", 4
+    if name == "parallels":
+        return 64, "<I", u32le(32)
+    if name == "vpc":
+        dyn = int.from_bytes(data[16:24], "big")
+        bat = int.from_bytes(data[dyn + 16 : dyn + 24], "big")
+        return bat, ">I", int.from_bytes(data[dyn + 28 : dyn + 32], "big")
+    if name == "vhdx":
+        rt = 192 * 1024
+        for i in range(u32le(rt + 8)):
+            guid, off = data[rt + 16 + 32 * i : rt + 32 + 32 * i], rt + 32 + 32 * i
+            if guid.hex().startswith("6677c22d"):  # the BAT region's GUID
+                return int.from_bytes(data[off : off + 8], "little"), "<Q", 8
+    if name == "vmdk":
+        gd = int.from_bytes(data[56:64], "little") * 512
+        return u32le(gd) * 512, "<I", u32le(44)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", ["vdi", "parallels", "vpc", "vhdx", "vmdk"])
+def test_aliased_blocks_refuse_writes(seed_dir: Path, name: str) -> None:
+    """Two table entries naming the same host block: reads work (the image says so), check
+    reports it, and the first write is refused (CorruptImage) with the image unchanged.
+    Before the fix an in-place write into one guest block silently changed the other."""
+    import struct
+
+    seed = _seed(name, str(seed_dir))
+    data = bytearray(Path(seed.path).read_bytes())
+    off, fmt, count = _table(name, bytes(data))
+    size = struct.calcsize(fmt)
+    entries = [struct.unpack_from(fmt, data, off + size * i)[0] for i in range(count)]
+    if name == "vhdx":
+        allocated = [i for i, e in enumerate(entries) if e & 7 == 6]  # FULLY_PRESENT
+    else:
+        free = {"vdi": (0xFFFFFFFF, 0xFFFFFFFE), "vmdk": (0, 1)}.get(name, (0, 0xFFFFFFFF))
+        allocated = [i for i, e in enumerate(entries) if e not in free]
+    assert len(allocated) >= 2, (name, entries[:8])
+    first, second = allocated[:2]
+    struct.pack_into(fmt, data, off + size * second, entries[first])
+    fuzz.fix_checksums(seed.fmt, data)
+    img = str(seed_dir / name / f"aliased{os.path.splitext(seed.path)[1]}")
+    Path(img).write_bytes(bytes(data))
+    with vdisk.open(img, format=seed.fmt, readonly=True) as d:
+        d.read(0, d.size)
+        assert d.check().corruptions, f"{name}: check missed two entries naming one block"
+    with vdisk.open(img, format=seed.fmt) as d, pytest.raises(vdisk.CorruptImage):
+        d.write(0, b"\xa5" * 512)
+        d.flush()
+    assert Path(img).read_bytes() == bytes(data), f"{name}: a refused write changed the image"
