@@ -64,6 +64,7 @@ class Weed:
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }
         self.conf.write_text(json.dumps({"identities": [ident]}))
+        self.base = base
         self.log = base / "weed.log"
         ports: set[int] = set()
         while len(ports) < 4:
@@ -92,6 +93,8 @@ class Weed:
             f"-s3.config={self.conf}",
             "-s3.port.iceberg=0",  # fixed default ports: off, so instances can run side by side
             "-s3.port.lance=0",
+            f"-filer.localSocket={self.base}/filer.sock",
+            f"-s3.localSocket={self.base}/s3.sock",
         ]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
@@ -130,6 +133,10 @@ class Weed:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait(timeout=10)
         self.proc = None
+        for port in (self.master, self.volume, self.filer, self.s3):  # sockets it leaves in /tmp
+            for p2 in (port, port + 10000):
+                for sock in Path("/tmp").glob(f"seaweedfs-*-{p2}.sock"):
+                    sock.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
