@@ -16,6 +16,7 @@ compression ratio is realistic. A benchmark, not a test: nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import random
@@ -95,9 +96,11 @@ def start_weed(tmp: str) -> tuple[subprocess.Popen, str]:
         f"-master.port={ports[0]}", "-master.volumeSizeLimitMB=256", "-volume.max=100",
         f"-volume.port={ports[1]}", "-filer", f"-filer.port={ports[2]}", "-s3",
         f"-s3.port={ports[3]}", f"-s3.config={conf}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        f"-filer.localSocket={tmp}/filer.sock", f"-s3.localSocket={tmp}/s3.sock",
     ]  # fmt: skip
     log = open(os.path.join(tmp, "weed.log"), "wb")  # noqa: SIM115 - lives as long as weed
     proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+    proc.ports = ports  # type: ignore[attr-defined]
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="benchsecret")
     endpoint = f"http://127.0.0.1:{ports[3]}"
     os.environ["VDISK_S3_ENDPOINT"] = endpoint
@@ -117,6 +120,10 @@ def start_weed(tmp: str) -> tuple[subprocess.Popen, str]:
 def stop_weed(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    for port in proc.ports:  # type: ignore[attr-defined]
+        for p in (port, port + 10000):  # the gRPC sockets it leaves in /tmp
+            for sock in glob.glob(f"/tmp/seaweedfs-*-{p}.sock"):
+                os.unlink(sock)
 
 
 def run_workload(
