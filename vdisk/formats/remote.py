@@ -795,7 +795,7 @@ class RemoteDriver(Driver):
 
     def write_many(self, writes: list[tuple[int, bytes]]) -> None:
         self._check_writable()
-        whole: list[tuple[int, bytes]] = []
+        clusters: dict[int, bytes | bytearray] = {}  # later pieces patch earlier ones
         cs = self.cluster_size
         for offset, data in writes:
             mv = memoryview(data)
@@ -803,12 +803,15 @@ class RemoteDriver(Driver):
             for idx, within, n in cluster_spans(offset, len(mv), cs):
                 piece = mv[pos : pos + n]
                 pos += n
-                if n != self._clen(idx):  # partial cluster: read-modify-write
-                    cl = bytearray(self.read(idx * cs, self._clen(idx)))
-                    cl[within : within + n] = piece
-                    whole.append((idx, bytes(cl)))
-                else:
-                    whole.append((idx, bytes(piece)))
+                if n == self._clen(idx):
+                    clusters[idx] = bytes(piece)
+                    continue
+                cl = clusters.get(idx)  # partial cluster: read-modify-write
+                if not isinstance(cl, bytearray):
+                    cl = bytearray(cl if cl is not None else self.read(idx * cs, self._clen(idx)))
+                    clusters[idx] = cl
+                cl[within : within + n] = piece
+        whole = [(idx, bytes(cl)) for idx, cl in clusters.items()]
         prepared = (
             list(self.executor.map(self._prepare, whole))
             if len(whole) > 2
