@@ -402,6 +402,11 @@ class Qcow2Driver(Driver):
         """Refuse to allocate a cluster that holds metadata (its refcount must be wrong):
         writing there would destroy the image, as qemu's overlap checks guard against."""
         what = self._metadata_at(c)
+        off = c * self.cluster_size
+        # active L2 tables too (qemu's default overlap checks include them): one C-level
+        # scan of the L1 table, whose entries carry no flag but COPIED
+        if what is None and (off in self.l1 or off | OFLAG_COPIED in self.l1):
+            what = "an active L2 table"
         if what is not None:
             raise CorruptImage(
                 f"{self.path}: cluster {c} (offset {c * self.cluster_size:#x}) holds {what} but "
