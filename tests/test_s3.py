@@ -746,3 +746,26 @@ def test_two_processes_incrementing_lose_no_update(s3env: str) -> None:
     with api.open(url, readonly=True) as d:
         assert struct.unpack("<Q", d.read(0, 8))[0] == 2 * rounds
         assert d.driver.number == 1 + 2 * rounds  # one manifest per successful increment
+
+
+def test_resize_shrink_and_grow(s3env: str) -> None:
+    from vdisk.errors import UnsupportedFeature
+
+    url = f"{s3env}/resized"
+    api.create(url, 1 << 20, cluster_size=4096)
+    with api.open(url) as d:
+        d.write(0, b"\x01" * (1 << 20))
+        d.resize(300001)  # cuts a cluster: its tail must read as zeros after growing
+        d.resize(6 << 20)  # past a map page (4 MiB at 4 KiB clusters)
+        assert d.read(0, 300001) == b"\x01" * 300001
+        assert d.read(300001, 100000) == bytes(100000)
+    with api.open(url, readonly=True) as d:
+        assert d.size == 6 << 20 and d.read(290000, 20000) == b"\x01" * 10001 + bytes(9999)
+    api.clone(url, f"{s3env}/resized-ov")
+    with api.open(f"{s3env}/resized-ov") as d:
+        with pytest.raises(UnsupportedFeature, match="multiple of the cluster size"):
+            d.resize(100001)
+        d.resize(65536)
+        d.resize(1 << 20)  # grown space of an overlay: zeros, not the base's bytes
+        assert d.read(0, 65536) == b"\x01" * 65536
+        assert d.read(65536, 65536) == bytes(65536)

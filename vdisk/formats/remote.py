@@ -401,6 +401,7 @@ class RemoteDriver(Driver):
         self._next_read = -1
         self._from_store = False  # check: verify the store itself, not the local cache
         self._sequential = False
+        self._backing_size: int | None = None  # known once the generic layer verified it
         self.stale: str | None = None  # set once another writer has committed past us
         # this session's uncommitted packs
         self._spill: Any = None
@@ -969,6 +970,14 @@ class RemoteDriver(Driver):
         self._check_writable()
         _check_size(self.storage.path, size, self.cluster_size)
         cs = self.cluster_size
+        if size < self.size and size % cs and self.backing is not None:
+            flags, _loc, _key = self._parse(size // cs, self._entry(size // cs))
+            if not flags:  # its bytes are the backing image's: this layer cannot cut them
+                raise UnsupportedFeature(
+                    f"{self.storage.path}: shrinking an overlay to {size} bytes would cut "
+                    f"cluster {size // cs}, which only the backing image holds; resize to a "
+                    f"multiple of the cluster size ({cs})"
+                )
         if size < self.size:
             # forget clusters past the new end so growing again shows zeros
             first = -(-size // cs)
@@ -987,7 +996,12 @@ class RemoteDriver(Driver):
         for p in range(npages, len(self.pages)):
             self.pages_lru.pop(p)
         self.pages = self.pages[:npages] + [None] * (npages - len(self.pages))
-        self.size = size
+        old, self.size = self.size, size
+        if size > old and self.backing is not None:
+            # grown space reads as zeros, not as whatever the backing image has there
+            hi = min(size, self._backing_size if self._backing_size is not None else size)
+            for idx in range(-(-old // cs), -(-hi // cs)):
+                self._set_entry(idx, ZERO_ENTRY)
         self.changed = True
 
     # -- commits ---------------------------------------------------------------------
@@ -1164,6 +1178,7 @@ class RemoteDriver(Driver):
     # -- backing, information, checks ------------------------------------------------
 
     def verify_backing(self, backing: Driver) -> None:
+        self._backing_size = backing.size
         b = self.manifest.get("backing") or {}
         want = b.get("uuid")
         if want and getattr(backing, "uuid", None) != want:

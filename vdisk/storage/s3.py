@@ -187,7 +187,12 @@ class S3Client:
     def _call(self, what: str, key: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` with retries on errors that may pass; ``fn`` itself turns answers that
         are not failures (404, 412) into return values."""
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
 
         delay = self.base_delay
         last = ""
@@ -208,6 +213,11 @@ class S3Client:
                 last = f"{code or status}"
             except TooLarge as e:
                 raise CorruptImage(str(e)) from None
+            except (NoCredentialsError, PartialCredentialsError) as e:
+                raise StorageError(
+                    f"{self.where(key)}: {what}: {e} (set AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+                ) from None
             except BotoCoreError as e:  # connection refused, timeouts, incomplete reads
                 last = f"{type(e).__name__}: {e}"
             except OSError as e:
