@@ -413,9 +413,10 @@ class Qcow2Driver(Driver):
                 "its refcount is 0: the refcounts are corrupt (run check with repair)"
             )
 
-    def _check_target(self, off: int, what: str) -> None:
+    def _check_target(self, off: int, what: str, *, data: bool = False) -> None:
         """Before writing in place at ``off`` (a cluster an entry of ours points at): it must
-        lie in the file (or have been allocated by us) and must not hold other metadata."""
+        lie in the file (or have been allocated by us) and must not hold other metadata
+        (for a ``data`` cluster, not an active L2 table either)."""
         c = off >> self.cluster_bits
         limit = max(self.refs.alloc_end, -(-self.storage.size() // self.cluster_size))
         if c >= limit:
@@ -424,6 +425,8 @@ class Qcow2Driver(Driver):
                 f"({self.storage.size()} bytes)"
             )
         meta = self._metadata_at(c)
+        if meta is None and data and (off in self.l1 or off | OFLAG_COPIED in self.l1):
+            meta = "an active L2 table"
         if meta is not None:
             raise CorruptImage(f"{self.path}: {what} at {off:#x} overlaps {meta}")
 
@@ -714,7 +717,7 @@ class Qcow2Driver(Driver):
             and not (not self.extl2 and entry & OFLAG_ZERO)
             and (not self.extl2 or bm & ALL_ALLOC == ALL_ALLOC)
         ):
-            self._check_target(host, f"the data cluster of guest cluster {gidx}")
+            self._check_target(host, f"the data cluster of guest cluster {gidx}", data=True)
             self.io.write(host + within, data)  # plain overwrite in place
             return
         if self._whole(gidx, within, n):
@@ -733,7 +736,7 @@ class Qcow2Driver(Driver):
             buf = bytes(old)
         if mine:
             target = host  # our own zero-preallocated or partly allocated cluster
-            self._check_target(host, f"the data cluster of guest cluster {gidx}")
+            self._check_target(host, f"the data cluster of guest cluster {gidx}", data=True)
         else:
             target = self.refs.alloc()
             self._drop(entry)
