@@ -45,7 +45,7 @@ from vdisk.formats.base import (
     merge_extents,
     reject_unknown_options,
 )
-from vdisk.formats.vdi import PagedTable
+from vdisk.formats.common import Bitset, PagedTable
 from vdisk.storage import FileStorage, Storage
 
 # magic, version, heads, cylinders, tracks (cluster size in sectors), BAT entries,
@@ -656,7 +656,7 @@ class ParallelsDriver(Driver):
         fsize = self.storage.size()
         cs = self.cluster_size
         slots = max(0, -(-(fsize - self.data_offset) // cs))
-        seen = bytearray(-(-slots // 8))
+        seen = Bitset(slots)
         for idx in range(self.nbat):
             e = self.bat.get(idx)
             if e == 0 or self.flags & FLAG_EMPTY:
@@ -669,9 +669,9 @@ class ParallelsDriver(Driver):
                 rep.corruptions.append(f"BAT entry {idx}: offset {host} is not cluster aligned")
                 continue
             s = (host - self.data_offset) // cs
-            if seen[s >> 3] & (1 << (s & 7)):
+            if s in seen:
                 rep.corruptions.append(f"BAT entry {idx}: cluster at {host} is used twice")
-            seen[s >> 3] |= 1 << (s & 7)
+            seen.add(s)
         # An unclean close alone is no corruption here: vdisk's write order keeps the BAT
         # consistent (qemu counts it as one and refuses to write until repaired).
         unclean = self.in_use == IN_USE and not self._dirty

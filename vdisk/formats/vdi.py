@@ -28,9 +28,9 @@ from __future__ import annotations
 import os
 import struct
 import uuid
+from dataclasses import astuple, dataclass, replace
 from typing import Any
 
-from vdisk.cache.lru import LRU
 from vdisk.errors import BackingMismatch, CorruptImage, UnsupportedFeature, UsageError
 from vdisk.formats.base import (
     BackingRef,
@@ -42,6 +42,7 @@ from vdisk.formats.base import (
     merge_extents,
     reject_unknown_options,
 )
+from vdisk.formats.common import Bitset, PagedTable
 from vdisk.storage import FileStorage, Storage
 
 # Pre-header: text line, signature, version (VDI 1.1).
@@ -64,7 +65,6 @@ DEFAULT_BLOCK = 1 << 20
 MAX_BLOCK = 256 << 20
 MAX_DISK = 1 << 56  # 64 PiB: anything larger is a hostile header
 MAX_SCAN = 256  # files looked at when searching a directory for a parent by UUID
-TABLE_CACHE = 4 << 20  # bytes of block map pages kept in memory
 
 # Offsets of header fields in the file (for single-field updates).
 OFF_TYPE = 72 + 4
@@ -73,114 +73,47 @@ OFF_UUIDS = OFF_BLOCKS_ALLOCATED + 4
 assert OFF_BLOCKS_ALLOCATED == 0x184 and OFF_UUIDS == 0x188
 
 
-class PagedTable:
-    """A table of fixed-size little-endian entries in storage, read lazily in pages.
-
-    Pages live in a bounded LRU so memory stays small whatever the table size; writes go
-    through to storage at once (one entry at a time), so an evicted page is never dirty.
-    Shared by the VDI, Parallels and VHDX drivers."""
-
-    def __init__(
-        self,
-        storage: Storage,
-        offset: int,
-        count: int,
-        fmt: str = "<I",
-        *,
-        page: int = 4096,
-        capacity: int = TABLE_CACHE,
-    ) -> None:
-        self.storage = storage
-        self.offset = offset
-        self.count = count
-        self.entry = struct.Struct(fmt)
-        self.per_page = page // self.entry.size
-        self.cache: LRU[int, bytearray] = LRU(capacity)
-
-    def _page(self, p: int) -> bytearray:
-        buf = self.cache.get(p)
-        if buf is None:
-            first = p * self.per_page
-            n = min(self.per_page, self.count - first)
-            es = self.entry.size
-            buf = bytearray(self.storage.pread_exact(self.offset + first * es, n * es, "table"))
-            self.cache.put(p, buf)
-        return buf
-
-    def get(self, i: int) -> int:
-        p, k = divmod(i, self.per_page)
-        return int(self.entry.unpack_from(self._page(p), k * self.entry.size)[0])
-
-    def set(self, i: int, value: int) -> None:
-        p, k = divmod(i, self.per_page)
-        raw = self.entry.pack(value)
-        self.storage.pwrite(self.offset + i * self.entry.size, raw)
-        buf = self.cache.get(p)
-        if buf is not None:
-            buf[k * self.entry.size : (k + 1) * self.entry.size] = raw
-
-    def stats(self) -> dict[str, int]:
-        return self.cache.stats()
-
-
 def _uuid_text(raw: bytes) -> str:
     return str(uuid.UUID(bytes=raw))
 
 
+@dataclass
 class VdiHeader:
-    """The decoded VDI 1.1 header."""
+    """The decoded VDI 1.1 header: PREHEADER's fields, then HEADER's, in their order."""
 
-    def __init__(self, raw: bytes) -> None:
-        text, self.signature, self.version = PREHEADER.unpack_from(raw, 0)
-        self.text = text.split(b"\0", 1)[0]
-        (
-            self.header_size,
-            self.image_type,
-            self.image_flags,
-            self.description,
-            self.offset_bmap,
-            self.offset_data,
-            self.cylinders,
-            self.heads,
-            self.sectors,
-            self.sector_size,
-            _unused,
-            self.disk_size,
-            self.block_size,
-            self.block_extra,
-            self.blocks_in_image,
-            self.blocks_allocated,
-            self.uuid_image,
-            self.uuid_last_snap,
-            self.uuid_link,
-            self.uuid_parent,
-        ) = HEADER.unpack_from(raw, PREHEADER.size)
+    text: bytes
+    signature: int
+    version: int
+    header_size: int
+    image_type: int
+    image_flags: int
+    description: bytes
+    offset_bmap: int
+    offset_data: int
+    cylinders: int
+    heads: int
+    sectors: int
+    sector_size: int
+    unused: int  # written back as 0
+    disk_size: int
+    block_size: int
+    block_extra: int
+    blocks_in_image: int
+    blocks_allocated: int
+    uuid_image: bytes
+    uuid_last_snap: bytes
+    uuid_link: bytes
+    uuid_parent: bytes
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> VdiHeader:
+        text, signature, version = PREHEADER.unpack_from(raw, 0)
+        body = HEADER.unpack_from(raw, PREHEADER.size)
+        return cls(text.split(b"\0", 1)[0], signature, version, *body)
 
     def pack(self) -> bytes:
-        pre = PREHEADER.pack(self.text, self.signature, self.version)
-        body = HEADER.pack(
-            self.header_size,
-            self.image_type,
-            self.image_flags,
-            self.description,
-            self.offset_bmap,
-            self.offset_data,
-            self.cylinders,
-            self.heads,
-            self.sectors,
-            self.sector_size,
-            0,
-            self.disk_size,
-            self.block_size,
-            self.block_extra,
-            self.blocks_in_image,
-            self.blocks_allocated,
-            self.uuid_image,
-            self.uuid_last_snap,
-            self.uuid_link,
-            self.uuid_parent,
-        )
-        out = pre + body
+        fields = astuple(replace(self, unused=0))
+        out = PREHEADER.pack(*fields[:3]) + HEADER.pack(*fields[3:])
         return out + bytes(HEADER_AREA - len(out))
 
 
@@ -190,7 +123,7 @@ def read_header(storage: Storage) -> VdiHeader:
     fsize = storage.size()
     if fsize < HEADER_AREA:
         raise CorruptImage(f"{where}: file of {fsize} bytes is too short for a VDI header (512)")
-    h = VdiHeader(storage.pread_exact(0, HEADER_AREA, "VDI header"))
+    h = VdiHeader.unpack(storage.pread_exact(0, HEADER_AREA, "VDI header"))
     if h.signature != SIGNATURE:
         raise CorruptImage(f"{where}: bad VDI signature 0x{h.signature:08x} (expected 0xbeda107f)")
     if h.version != VERSION:
@@ -312,7 +245,7 @@ class VdiDriver(Driver):
                 continue
             if len(raw) < HEADER_AREA:
                 continue
-            cand = VdiHeader(raw)
+            cand = VdiHeader.unpack(raw)
             if cand.signature == SIGNATURE and cand.uuid_image == want:
                 return BackingRef(name, "vdi")
         raise BackingMismatch(
@@ -345,7 +278,7 @@ class VdiDriver(Driver):
         blocks = -(-size // bs)
         if blocks >= DISCARDED:
             raise UsageError(f"vdi: {blocks} blocks exceed the VDI limit")
-        h = VdiHeader(bytes(HEADER_AREA))
+        h = VdiHeader.unpack(bytes(HEADER_AREA))
         h.text, h.signature, h.version = TEXT, SIGNATURE, VERSION
         h.header_size = HEADER.size
         h.image_type = TYPE_STATIC if static else TYPE_DYNAMIC
@@ -595,10 +528,10 @@ class VdiDriver(Driver):
                 raw = f.read(HEADER_AREA)
         except OSError as e:
             raise BackingMismatch(f"{where}: cannot read parent {path}: {e.strerror}") from None
-        if len(raw) < HEADER_AREA or VdiHeader(raw).signature != SIGNATURE:
+        if len(raw) < HEADER_AREA or VdiHeader.unpack(raw).signature != SIGNATURE:
             raise UnsupportedFeature(f"{where}: parent {path} is not a VDI image")
         self.h.image_type = TYPE_DIFF
-        self.h.uuid_link = VdiHeader(raw).uuid_image
+        self.h.uuid_link = VdiHeader.unpack(raw).uuid_image
 
     def info(self) -> dict[str, Any]:
         return {
@@ -619,7 +552,7 @@ class VdiDriver(Driver):
         h = self.h
         fsize = self.storage.size()
         slots = max(0, -(-(fsize - h.offset_data) // self.block_size))
-        seen = bytearray(-(-slots // 8))
+        seen = Bitset(slots)
         count = 0
         for idx in range(h.blocks_in_image):
             e = self.bmap.get(idx)
@@ -632,9 +565,9 @@ class VdiDriver(Driver):
                     f"({min(slots, h.blocks_in_image)} blocks)"
                 )
                 continue
-            if seen[e >> 3] & (1 << (e & 7)):
+            if e in seen:
                 rep.corruptions.append(f"block {idx}: data block {e} is used twice")
-            seen[e >> 3] |= 1 << (e & 7)
+            seen.add(e)
         if count != h.blocks_allocated:
             # the count and the map entry live in different sectors: a power loss between
             # the two leaves them apart. Allocation goes by the file size, so no data is at
@@ -648,7 +581,7 @@ class VdiDriver(Driver):
             else:
                 rep.leaks.append(msg)
         for e in range(min(slots, h.blocks_in_image)):
-            if not seen[e >> 3] & (1 << (e & 7)) and h.image_type != TYPE_STATIC:
+            if e not in seen and h.image_type != TYPE_STATIC:
                 rep.leaks.append(f"data block {e} is not referenced")
         rep.info = {"blocks": h.blocks_in_image, "allocated": count}
         return rep

@@ -44,6 +44,7 @@ import os
 import struct
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from vdisk.cache.lru import LRU
@@ -64,6 +65,7 @@ from vdisk.formats.base import (
     merge_extents,
     reject_unknown_options,
 )
+from vdisk.formats.common import bool_option
 from vdisk.storage import FileStorage, Storage
 
 # -- on-disk structures -------------------------------------------------------------------
@@ -534,48 +536,41 @@ class VhdDriver(Driver):
 
     # -- I/O ------------------------------------------------------------------------------
 
+    def _runs(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int | None]]:
+        """The mapping of a dynamic or differencing disk over a guest range, as runs of
+        (block, guest offset, length, host offset or None where this layer has no data).
+        read and block_status both walk it, so they cannot disagree."""
+        for b, within, k in cluster_spans(offset, length, self.block_size):
+            base = b * self.block_size
+            e = self._bat(b)
+            if e == UNUSED:
+                yield b, base + within, k, None
+                continue
+            data_at = e * SECTOR + self.bitmap_size
+            bm = self._bitmap(b, e)
+            s0, s1 = within // SECTOR, (within + k + SECTOR - 1) // SECTOR
+            for v, a, z in _sector_runs(bm, s0, s1):
+                lo, hi = max(a * SECTOR, within), min(z * SECTOR, within + k)
+                yield b, base + lo, hi - lo, data_at + lo if v else None
+
     def read(self, offset: int, length: int) -> bytes:
         if self.type == TYPE_FIXED:
             data = self.storage.pread(offset, length)
             return data + bytes(length - len(data))
         out = bytearray()
-        for b, within, k in cluster_spans(offset, length, self.block_size):
-            e = self._bat(b)
-            if e == UNUSED:
-                out += bytes(k)
-                continue
-            data_at = e * SECTOR + self.bitmap_size
-            bm = self._bitmap(b, e)
-            s0, s1 = within // SECTOR, (within + k + SECTOR - 1) // SECTOR
-            for v, a, z in _sector_runs(bm, s0, s1):
-                lo, hi = max(a * SECTOR, within), min(z * SECTOR, within + k)
-                out += (
-                    self.storage.pread_exact(data_at + lo, hi - lo, f"block {b}")
-                    if v
-                    else bytes(hi - lo)
-                )
+        for b, _, n, host in self._runs(offset, length):
+            out += bytes(n) if host is None else self.storage.pread_exact(host, n, f"block {b}")
         return bytes(out)
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
         if self.type == TYPE_FIXED:
             return [Extent(Kind.DATA, offset, length, offset)]
-        out: list[Extent] = []
-        for b, within, k in cluster_spans(offset, length, self.block_size):
-            base = b * self.block_size
-            e = self._bat(b)
-            if e == UNUSED:
-                out.append(Extent(Kind.HOLE, base + within, k))
-                continue
-            data_at = e * SECTOR + self.bitmap_size
-            bm = self._bitmap(b, e)
-            s0, s1 = within // SECTOR, (within + k + SECTOR - 1) // SECTOR
-            for v, a, z in _sector_runs(bm, s0, s1):
-                lo, hi = max(a * SECTOR, within), min(z * SECTOR, within + k)
-                if v:
-                    out.append(Extent(Kind.DATA, base + lo, hi - lo, data_at + lo))
-                else:
-                    out.append(Extent(Kind.HOLE, base + lo, hi - lo))
-        return merge_extents(out)
+        return merge_extents(
+            [
+                Extent(Kind.HOLE, guest, n) if host is None else Extent(Kind.DATA, guest, n, host)
+                for _, guest, n, host in self._runs(offset, length)
+            ]
+        )
 
     def _check_overlaps(self) -> None:
         """Before the first change of a session: no two BAT entries may name overlapping
@@ -970,7 +965,7 @@ class VhdDriver(Driver):
             else:
                 if size <= 0:
                     raise UsageError(f"vhd: size {size} must be positive")
-                if _flag(options.get("force_size", True), "force_size"):
+                if bool_option("vhd", "force_size", options.get("force_size", True)):
                     vsize, chs, creator = (size + SECTOR - 1) // SECTOR * SECTOR, MAX_CHS, b"qem2"
                 else:
                     vsize, chs = _chs_size(size)
@@ -995,18 +990,6 @@ class VhdDriver(Driver):
         finally:
             if own is not None:
                 own.close()
-
-
-def _flag(v: Any, name: str) -> bool:
-    """A boolean option, also as the CLI spells it ("on"/"off")."""
-    if isinstance(v, str):
-        low = v.strip().lower()
-        if low in ("on", "true", "yes", "1"):
-            return True
-        if low in ("off", "false", "no", "0"):
-            return False
-        raise UsageError(f"vhd: option {name} must be on or off, not {v!r}")
-    return bool(v)
 
 
 def _check_path(text: str, where: str, what: str) -> None:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import os
 import struct
 import uuid
+from dataclasses import astuple, dataclass, replace
 from typing import Any
 
 from vdisk.cache.lru import LRU
@@ -63,7 +64,7 @@ from vdisk.formats.base import (
     merge_extents,
     reject_unknown_options,
 )
-from vdisk.formats.vdi import PagedTable
+from vdisk.formats.common import Bitset, PagedTable
 from vdisk.storage import Storage
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -212,39 +213,29 @@ def _guid_str(raw: bytes) -> str:
 # -- headers ------------------------------------------------------------------------------------
 
 
+@dataclass
 class Header:
-    """One of the two 4 KiB headers."""
+    """One of the two 4 KiB headers (HEADER's fields in their order)."""
 
-    def __init__(self, raw: bytes) -> None:
-        (
-            self.signature,
-            self.checksum,
-            self.seq,
-            self.file_write_guid,
-            self.data_write_guid,
-            self.log_guid,
-            self.log_version,
-            self.version,
-            self.log_length,
-            self.log_offset,
-        ) = HEADER.unpack_from(raw, 0)
+    signature: bytes
+    checksum: int
+    seq: int
+    file_write_guid: bytes
+    data_write_guid: bytes
+    log_guid: bytes
+    log_version: int
+    version: int
+    log_length: int
+    log_offset: int
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Header:
+        return cls(*HEADER.unpack_from(raw, 0))
 
     def pack(self) -> bytes:
+        """The 4 KiB header block with its signature and checksum."""
         buf = bytearray(HEADER_SIZE)
-        HEADER.pack_into(
-            buf,
-            0,
-            HEADER_SIG,
-            0,
-            self.seq,
-            self.file_write_guid,
-            self.data_write_guid,
-            self.log_guid,
-            self.log_version,
-            self.version,
-            self.log_length,
-            self.log_offset,
-        )
+        HEADER.pack_into(buf, 0, *astuple(replace(self, signature=HEADER_SIG, checksum=0)))
         return bytes(_with_checksum(buf))
 
 
@@ -255,7 +246,7 @@ def _read_headers(st: Storage) -> tuple[Header, int]:
         raw = st.pread_exact(off, HEADER_SIZE, f"VHDX header {slot + 1}")
         if raw[:4] != HEADER_SIG or not _checksum_ok(raw):
             continue
-        h = Header(raw)
+        h = Header.unpack(raw)
         if best is None or h.seq > best[0].seq:
             best = (h, slot)
     if best is None:
@@ -1239,7 +1230,7 @@ class VhdxDriver(Driver):
         rep = CheckReport()
         fsize = self.storage.size()
         mib = -(-fsize // MiB)
-        taken = bytearray(-(-mib // 8))
+        taken = Bitset(mib)
         for a, b in (
             (0, MiB),
             (self.bat_offset, self.bat_offset + self.bat_length),
@@ -1247,17 +1238,17 @@ class VhdxDriver(Driver):
             (self.header.log_offset, self.header.log_offset + self.header.log_length),
         ):
             for m in range(a // MiB, min(mib, -(-b // MiB))):
-                taken[m >> 3] |= 1 << (m & 7)
+                taken.add(m)
 
         def claim(what: str, host: int, length: int) -> None:
             if host < MiB or host + length > fsize:
                 rep.corruptions.append(f"{what} at {host} is outside the file ({fsize})")
                 return
             for m in range(host // MiB, -(-(host + length) // MiB)):
-                if taken[m >> 3] & (1 << (m & 7)):
+                if m in taken:
                     rep.corruptions.append(f"{what} at {host} overlaps other data")
                     return
-                taken[m >> 3] |= 1 << (m & 7)
+                taken.add(m)
 
         for i in range(self.bat.count):
             raw = self.bat.get(i)
@@ -1398,7 +1389,7 @@ class VhdxDriver(Driver):
                     chunk_entries = []
             end = data_off + blocks * bs
 
-        h = Header(bytes(HEADER.size))
+        h = Header.unpack(bytes(HEADER.size))
         h.file_write_guid = uuid.uuid4().bytes_le
         h.data_write_guid = uuid.uuid4().bytes_le
         h.log_guid = bytes(16)

@@ -45,7 +45,7 @@ import sys
 import zlib
 from array import array
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Any
 
 from vdisk.cache.lru import LRU
@@ -65,6 +65,7 @@ from vdisk.formats.base import (
     merge_extents,
     reject_unknown_options,
 )
+from vdisk.formats.common import bool_option
 from vdisk.storage import Storage
 
 # -- on-disk structures (VMDK 5.0 spec, "Hosted Sparse Extent Header") ------------------
@@ -403,22 +404,7 @@ class _Header:
         return cls(*f[1:])
 
     def pack(self) -> bytes:
-        return HEADER.pack(
-            MAGIC,
-            self.version,
-            self.flags,
-            self.capacity,
-            self.grain,
-            self.desc_offset,
-            self.desc_size,
-            self.gtes,
-            self.rgd,
-            self.gd,
-            self.overhead,
-            self.unclean,
-            self.newline,
-            self.compress,
-        ).ljust(HEADER_SIZE, b"\0")
+        return HEADER.pack(MAGIC, *astuple(self)).ljust(HEADER_SIZE, b"\0")
 
 
 def _validate_header(h: _Header, file_size: int, where: str, footer: bool = False) -> None:
@@ -1412,11 +1398,7 @@ class VmdkDriver(Driver):
                     own.close()
         base = os.path.basename(storage.path)
         stem = base[:-5] if base.lower().endswith(".vmdk") else base
-        zeroed = options.get("zeroed_grain", False)
-        if isinstance(zeroed, str):
-            if zeroed.lower() not in ("on", "off", "true", "false", "yes", "no", "1", "0"):
-                raise UsageError(f"vmdk: zeroed_grain must be on or off, not {zeroed!r}")
-            zeroed = zeroed.lower() in ("on", "true", "yes", "1")
+        zeroed = bool_option("vmdk", "zeroed_grain", options.get("zeroed_grain", False))
         extents: list[str] = []
         if sub in ("monolithicSparse", "streamOptimized"):
             if _bad_hint(base):

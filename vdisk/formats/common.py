@@ -1,0 +1,96 @@
+"""Pieces shared by several format drivers (one place per idea, not per format)."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from vdisk.cache.lru import LRU
+from vdisk.errors import UsageError
+from vdisk.storage import Storage
+
+TABLE_CACHE = 4 << 20  # bytes of table pages a PagedTable keeps in memory
+
+
+class PagedTable:
+    """A table of fixed-size little-endian entries in storage, read lazily in pages.
+
+    VDI's block map, Parallels' BAT and VHDX's BAT are all flat arrays of one integer per
+    block, and a hostile or merely huge image can make them far larger than memory should
+    hold; so pages live in a bounded LRU whatever the table size. Writes go through to
+    storage at once (one entry at a time), so an evicted page is never dirty and a crash
+    never loses an entry that was written."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        offset: int,
+        count: int,
+        fmt: str = "<I",
+        *,
+        page: int = 4096,
+        capacity: int = TABLE_CACHE,
+    ) -> None:
+        self.storage = storage
+        self.offset = offset
+        self.count = count
+        self.entry = struct.Struct(fmt)
+        self.per_page = page // self.entry.size
+        self.cache: LRU[int, bytearray] = LRU(capacity)
+
+    def _page(self, p: int) -> bytearray:
+        buf = self.cache.get(p)
+        if buf is None:
+            first = p * self.per_page
+            n = min(self.per_page, self.count - first)
+            es = self.entry.size
+            buf = bytearray(self.storage.pread_exact(self.offset + first * es, n * es, "table"))
+            self.cache.put(p, buf)
+        return buf
+
+    def get(self, i: int) -> int:
+        p, k = divmod(i, self.per_page)
+        return int(self.entry.unpack_from(self._page(p), k * self.entry.size)[0])
+
+    def set(self, i: int, value: int) -> None:
+        p, k = divmod(i, self.per_page)
+        raw = self.entry.pack(value)
+        self.storage.pwrite(self.offset + i * self.entry.size, raw)
+        buf = self.cache.get(p)
+        if buf is not None:
+            buf[k * self.entry.size : (k + 1) * self.entry.size] = raw
+
+    def stats(self) -> dict[str, int]:
+        return self.cache.stats()
+
+
+class Bitset:
+    """A set of slot numbers (data blocks, MiB of the file), one bit each.
+
+    check marks every slot a table entry claims, to find one claimed twice; sized by the
+    file, not by what a (possibly hostile) table says, so memory stays 1/8 byte a slot."""
+
+    __slots__ = ("bits",)
+
+    def __init__(self, size: int) -> None:
+        self.bits = bytearray(-(-size // 8))
+
+    def __contains__(self, i: int) -> bool:
+        return bool(self.bits[i >> 3] & (1 << (i & 7)))
+
+    def add(self, i: int) -> None:
+        self.bits[i >> 3] |= 1 << (i & 7)
+
+
+def bool_option(driver: str, name: str, value: Any) -> bool:
+    """A boolean create option, also as qemu-img and the API's callers spell it in text
+    ("on"/"off", "true"/"false", "yes"/"no", "1"/"0"); anything else is a usage error,
+    never silently true."""
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in ("on", "true", "yes", "1"):
+            return True
+        if low in ("off", "false", "no", "0"):
+            return False
+        raise UsageError(f"{driver}: option {name} must be on or off, not {value!r}")
+    return bool(value)
