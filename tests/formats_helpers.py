@@ -1,4 +1,4 @@
-"""Helpers shared by the per-format driver tests (vmdk, vhd, vhdx, vdi, parallels).
+"""Helpers shared by the per-format driver tests (qcow2, vmdk, vhd, vhdx, vdi, parallels).
 
 Each of those files used to carry its own copy of these: opening a driver directly on a
 file, qemu's raw view of an image, patching bytes of an image in place, expecting a clear
@@ -8,6 +8,7 @@ one place so that every format is held to the same checks.
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 import time
@@ -25,9 +26,11 @@ from vdisk.storage import FileStorage, MemoryStorage
 MiB = 1 << 20
 
 
-def open_driver(cls: type[Driver], path: str, readonly: bool = True, **options: Any) -> Any:
+def open_driver(
+    cls: type[Driver], path: str | os.PathLike, readonly: bool = True, **options: Any
+) -> Any:
     """The driver itself on a local file, without the generic layer."""
-    return cls.open(FileStorage(path, readonly=readonly), readonly=readonly, options=options)
+    return cls.open(FileStorage(str(path), readonly=readonly), readonly=readonly, options=options)
 
 
 def qemu_raw(qemu_img, fmt: str, path: str, tmp_path: Path) -> bytes:

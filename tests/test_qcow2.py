@@ -8,12 +8,14 @@ import os
 import random
 import struct
 from contextlib import closing
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 import vdisk
 from tests.conftest import need, pattern, run
+from tests.formats_helpers import open_driver
 from vdisk.errors import CorruptImage, ReadOnlyImage, UnsupportedFeature, VdiskError
 from vdisk.formats.base import BackingRef, Kind
 from vdisk.formats.qcow2 import Qcow2Driver
@@ -41,10 +43,8 @@ def qio(path: str, *cmds: str, fmt: str = "qcow2", check: bool = True):
     return run([*args, path], check=check)
 
 
-def opened(path, *, readonly: bool = True, **options) -> Qcow2Driver:
-    return Qcow2Driver.open(
-        FileStorage(str(path), readonly=readonly), readonly=readonly, options=options
-    )
+#: the driver itself on a file, without the generic layer
+opened = partial(open_driver, Qcow2Driver)
 
 
 class Model:
