@@ -321,3 +321,37 @@ def test_aliased_blocks_refuse_writes(seed_dir: Path, name: str) -> None:
         d.write(0, b"\xa5" * 512)
         d.flush()
     assert Path(img).read_bytes() == bytes(data), f"{name}: a refused write changed the image"
+
+
+def _qcow2_tables(data: bytes) -> tuple[int, int, int]:
+    """(cluster size, L2 table offset of L1 entry 0, first refcount block) of a qcow2."""
+    cs = 1 << int.from_bytes(data[20:24], "big")
+    l1 = int.from_bytes(data[40:48], "big")
+    rt = int.from_bytes(data[48:56], "big")
+    mask = 0x00FF_FFFF_FFFF_FE00
+    return (
+        cs,
+        int.from_bytes(data[l1 : l1 + 8], "big") & mask,
+        int.from_bytes(data[rt : rt + 8], "big"),
+    )
+
+
+@pytest.mark.parametrize("case", ["l2-refcount-0", "data-entry-on-l2"])
+def test_qcow2_writes_never_land_on_an_l2_table(seed_dir: Path, case: str) -> None:
+    """An L2 table whose refcount says free, or an L2 entry that names the L2 table itself
+    as a data cluster: the write is refused (before the fix it overwrote the mapping and
+    the written data read back wrong)."""
+    seed = _seed("qcow2v2", str(seed_dir))
+    data = bytearray(Path(seed.path).read_bytes())
+    cs, l2, rb = _qcow2_tables(bytes(data))
+    if case == "l2-refcount-0":
+        data[rb + 2 * (l2 // cs) : rb + 2 * (l2 // cs) + 2] = bytes(2)
+    else:
+        data[l2 : l2 + 8] = ((1 << 63) | l2).to_bytes(8, "big")
+    img = seed_dir / f"{case}.qcow2"
+    img.write_bytes(bytes(data))
+    with vdisk.open(str(img), format="qcow2") as d, pytest.raises(vdisk.CorruptImage) as e:
+        for off in (0, 3 * cs, d.size // 2, d.size - cs):  # allocations and in-place writes
+            d.write(off, b"\x5a" * cs)
+        d.flush()
+    assert "L2 table" in str(e.value)
