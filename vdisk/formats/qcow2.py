@@ -1150,6 +1150,14 @@ class Qcow2Driver(Driver):
                 return s
         raise UsageError(f"{self.path}: no snapshot named {name!r}")
 
+    def _snapshot_l1(self, s: Snapshot) -> array:
+        """The snapshot's L1 table (its offset and size were validated when the snapshot
+        table was read)."""
+        raw = self.storage.pread_exact(
+            s.l1_offset, s.l1_size * 8, f"L1 table of snapshot {s.name!r}"
+        )
+        return be64_array(raw)
+
     def open_snapshot(self, name: str) -> Driver:
         """A read-only view of a snapshot, sharing this image's storage."""
         s = self._find_snapshot(name)
@@ -1157,22 +1165,13 @@ class Qcow2Driver(Driver):
         view.readonly = True
         view._owns_storage = False
         view.size = s.disk_size if s.disk_size is not None else self.size
-        view.l1 = be64_array(
-            self.storage.pread_exact(s.l1_offset, s.l1_size * 8, f"L1 table of snapshot {name}")
-        )
+        view.l1 = self._snapshot_l1(s)
         view.l1_size, view.l1_offset = s.l1_size, s.l1_offset
         view.l1_dirty = set()
         view._pending_free = []
         view._comp_cache = None
         view.l2_cache = LRU(DEFAULT_L2_CACHE, weigh=lambda t: len(t.data) * 8)
         return view
-
-    def _walk_l1(self, l1: array, fn: Any) -> None:
-        """Call ``fn(l1i, l2_table_offset)`` for each mapped L1 entry."""
-        for l1i, e in enumerate(l1):
-            off = e & L1E_OFFSET_MASK
-            if off:
-                fn(l1i, off)
 
     def _update_snapshot_refcounts(self, l1: array, delta: int, *, active: bool) -> None:
         """Add ``delta`` to the refcount of every L2 table and cluster ``l1`` references
@@ -1276,15 +1275,8 @@ class Qcow2Driver(Driver):
         s = self._find_snapshot(name)
         with self._dirty_section():
             self.flush()
-            cs = self.cluster_size
             self._write_snapshot_table([x for x in self.snapshots if x is not s])
-            snap_l1 = be64_array(self.storage.pread_exact(s.l1_offset, s.l1_size * 8, "L1"))
-            self._update_snapshot_refcounts(snap_l1, -1, active=False)
-            if s.l1_size:
-                self._pending_free.append((s.l1_offset, -(-s.l1_size * 8 // cs) * cs))
-            self.flush()
-            self._update_snapshot_refcounts(self.l1, 0, active=True)
-            self.flush()
+            self._drop_l1(self._snapshot_l1(s), s.l1_offset, s.l1_size)
 
     def revert_snapshot(self, name: str) -> None:
         """Make the snapshot's L1 table the active one (the old state's references drop)."""
@@ -1293,7 +1285,7 @@ class Qcow2Driver(Driver):
         with self._dirty_section():
             self.flush()
             cs = self.cluster_size
-            snap_l1 = be64_array(self.storage.pread_exact(s.l1_offset, s.l1_size * 8, "L1"))
+            snap_l1 = self._snapshot_l1(s)
             size = s.disk_size if s.disk_size is not None else self.size
             needed = -(-size // (cs * self.l2_entries))
             if s.l1_size < needed:
@@ -1313,14 +1305,22 @@ class Qcow2Driver(Driver):
             self.l1, self.l1_offset, self.l1_size, self.size = snap_l1, new_off, s.l1_size, size
             self.l1_dirty = set()
             self.l2_cache.clear()
-            self._update_snapshot_refcounts(old_l1, -1, active=False)
-            if old_size:
-                self._pending_free.append((old_off, -(-old_size * 8 // cs) * cs))
-            self.flush()
-            self._update_snapshot_refcounts(self.l1, 0, active=True)
-            self.flush()
+            self._drop_l1(old_l1, old_off, old_size)
 
-        # -- consistency check ----------------------------------------------------------------------
+    def _drop_l1(self, l1: array, offset: int, size: int) -> None:
+        """Release an L1 table nothing points at any more (a deleted snapshot's, or the
+        active one a revert replaced): what it references loses a reference, its own
+        clusters are freed once that is durable, and the active tables' COPIED flags are
+        brought in line with the new refcounts."""
+        cs = self.cluster_size
+        self._update_snapshot_refcounts(l1, -1, active=False)
+        if size:
+            self._pending_free.append((offset, -(-size * 8 // cs) * cs))
+        self.flush()
+        self._update_snapshot_refcounts(self.l1, 0, active=True)
+        self.flush()
+
+    # -- consistency check ----------------------------------------------------------------------
 
     def _references(self, report: CheckReport, *, with_refcounts: bool) -> tuple[array, int]:
         """Count the references to every host cluster, as qemu's check does: the header,
@@ -1390,8 +1390,7 @@ class Qcow2Driver(Driver):
         add(0, cs, "header")
         walk(self.l1, self.l1_offset, "active")
         for s in self.snapshots:
-            l1 = be64_array(self.storage.pread_exact(s.l1_offset, s.l1_size * 8, "L1"))
-            walk(l1, s.l1_offset, f"snapshot {s.name!r}")
+            walk(self._snapshot_l1(s), s.l1_offset, f"snapshot {s.name!r}")
         if self.snapshots:
             add(self.snapshots_offset, len(table_bytes(self.snapshots)), "snapshot table")
         for etype, data in self._extensions:
