@@ -6,7 +6,8 @@ import struct
 from typing import Any
 
 from vdisk.cache.lru import LRU
-from vdisk.errors import UsageError
+from vdisk.errors import CorruptImage, UsageError
+from vdisk.formats.base import Driver
 from vdisk.storage import Storage
 
 TABLE_CACHE = 4 << 20  # bytes of table pages a PagedTable keeps in memory
@@ -94,3 +95,16 @@ def bool_option(driver: str, name: str, value: Any) -> bool:
             return False
         raise UsageError(f"{driver}: option {name} must be on or off, not {value!r}")
     return bool(value)
+
+
+def refuse_writes_if_corrupt(driver: Driver, what: str) -> None:
+    """Before the first write of a session (VDI, Parallels, VHDX): an entry that points
+    outside its area, or at space another entry or the metadata uses, would make an
+    in-place write silently change a second block, so any corruption check finds (one
+    pass over the table, one bit per block) refuses writing altogether."""
+    bad = driver.check().corruptions
+    if bad:
+        raise CorruptImage(
+            f"{driver.storage.path}: refusing to write to a corrupt {what}: {bad[0]} "
+            f"({len(bad)} problem(s); vdisk check lists them)"
+        )

@@ -45,7 +45,7 @@ from vdisk.formats.base import (
     merge_extents,
     reject_unknown_options,
 )
-from vdisk.formats.common import Bitset, PagedTable
+from vdisk.formats.common import Bitset, PagedTable, refuse_writes_if_corrupt
 from vdisk.storage import FileStorage, Storage
 
 # magic, version, heads, cylinders, tracks (cluster size in sectors), BAT entries,
@@ -505,16 +505,7 @@ class ParallelsDriver(Driver):
 
     def _begin_write(self) -> None:
         if not self._dirty:
-            # A BAT entry outside the data area or naming a cluster another entry uses
-            # would make an in-place write change a second guest cluster (or the BAT):
-            # refuse to write at all, before the image is marked in use. One pass over
-            # the BAT, one bit per cluster, once per session.
-            bad = self.check().corruptions
-            if bad:
-                raise CorruptImage(
-                    f"{self.storage.path}: refusing to write to a corrupt Parallels image: "
-                    f"{bad[0]} ({len(bad)} problem(s); vdisk check lists them)"
-                )
+            refuse_writes_if_corrupt(self, "Parallels image")  # before it is marked in use
             if self.ext_off:
                 self._drop_extensions()
             self.storage.pwrite(44, struct.pack("<I", IN_USE))

@@ -42,7 +42,7 @@ from vdisk.formats.base import (
     merge_extents,
     reject_unknown_options,
 )
-from vdisk.formats.common import Bitset, PagedTable
+from vdisk.formats.common import Bitset, PagedTable, refuse_writes_if_corrupt
 from vdisk.storage import FileStorage, Storage
 
 # Pre-header: text line, signature, version (VDI 1.1).
@@ -378,16 +378,9 @@ class VdiDriver(Driver):
         """Before the first change of a session: a new modification UUID, so that
         differencing images made on the old content notice (as VirtualBox does)."""
         if not self._modified:
-            # A map entry that points past the data area or at a block another entry
-            # uses would make an in-place write change a second guest block (or, once
-            # allocation reaches it, alias a new one): refuse to write at all. One pass
-            # over the map, one bit per data block, once per session.
-            bad = self.check().corruptions
-            if bad:
-                raise CorruptImage(
-                    f"{self.storage.path}: refusing to write to a corrupt VDI: {bad[0]} "
-                    f"({len(bad)} problem(s); vdisk check lists them)"
-                )
+            # an entry past the data area would also alias a new block once allocation
+            # reaches it
+            refuse_writes_if_corrupt(self, "VDI")
             self._modified = True
             self.h.uuid_last_snap = uuid.uuid4().bytes
             self.storage.pwrite(OFF_UUIDS + 16, self.h.uuid_last_snap)

@@ -64,7 +64,7 @@ from vdisk.formats.base import (
     merge_extents,
     reject_unknown_options,
 )
-from vdisk.formats.common import Bitset, PagedTable
+from vdisk.formats.common import Bitset, PagedTable, refuse_writes_if_corrupt
 from vdisk.storage import Storage
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -887,15 +887,7 @@ class VhdxDriver(Driver):
         differencing disks made on the old content notice."""
         if self._session_started:
             return
-        # A BAT entry naming a block that another entry, the BAT, the log or the metadata
-        # also occupies would make an in-place write silently change them: refuse to
-        # write at all (one bit per MiB of the file, once per session).
-        bad = self.check().corruptions
-        if bad:
-            raise CorruptImage(
-                f"{self.storage.path}: refusing to write to a corrupt VHDX: {bad[0]} "
-                f"({len(bad)} problem(s); vdisk check lists them)"
-            )
+        refuse_writes_if_corrupt(self, "VHDX")  # the log and headers count as metadata
         self.header.file_write_guid = uuid.uuid4().bytes_le
         self.header.data_write_guid = uuid.uuid4().bytes_le
         self._write_headers()
