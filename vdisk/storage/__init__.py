@@ -12,6 +12,7 @@ import ctypes.util
 import errno
 import fcntl
 import os
+import stat
 import struct
 from abc import ABC, abstractmethod
 
@@ -92,7 +93,17 @@ class FileStorage(Storage):
         if create:
             flags |= os.O_CREAT | os.O_EXCL
         try:
-            self.fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+            # O_NONBLOCK: a FIFO (say, a hostile image's backing file name) must not hang
+            # the open; anything but a regular file or a block device is refused below
+            self.fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+            mode = os.fstat(self.fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                os.close(self.fd)
+                kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, socket or character device"
+                raise VdiskError(
+                    f"{path}: is {kind}, not an image (a regular file or block device)"
+                )
+            os.set_blocking(self.fd, True)
         except FileNotFoundError:
             raise ImageNotFound(f"{path}: no such file") from None
         except FileExistsError:
