@@ -117,6 +117,17 @@ class VdiHeader:
         return out + bytes(HEADER_AREA - len(out))
 
 
+def _peek_header(path: str) -> VdiHeader | None:
+    """The header of another file that may be a VDI (a parent candidate), None if it is
+    not one. Only its UUIDs are used, so nothing else is validated; OSError passes."""
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_AREA)
+    if len(raw) < HEADER_AREA:
+        return None
+    h = VdiHeader.unpack(raw)
+    return h if h.signature == SIGNATURE else None
+
+
 def read_header(storage: Storage) -> VdiHeader:
     """Read and validate the header against the file size (nothing is trusted before)."""
     where = storage.path
@@ -239,14 +250,10 @@ class VdiDriver(Driver):
             if os.path.realpath(path) == me:
                 continue
             try:
-                with open(path, "rb") as f:
-                    raw = f.read(HEADER_AREA)
+                cand = _peek_header(path)
             except OSError:
                 continue
-            if len(raw) < HEADER_AREA:
-                continue
-            cand = VdiHeader.unpack(raw)
-            if cand.signature == SIGNATURE and cand.uuid_image == want:
+            if cand is not None and cand.uuid_image == want:
                 return BackingRef(name, "vdi")
         raise BackingMismatch(
             f"{where}: parent VDI with UUID {_uuid_text(want)} does not exist in {here} "
@@ -293,7 +300,7 @@ class VdiDriver(Driver):
         h.blocks_allocated = blocks if static else 0
         h.uuid_image = uuid.uuid4().bytes
         h.uuid_last_snap = uuid.uuid4().bytes
-        if base is not None and isinstance(base, VdiDriver):
+        if isinstance(base, VdiDriver):
             if base.block_size != bs:
                 raise UsageError(
                     f"vdi: block size {bs} differs from the parent's {base.block_size}"
@@ -517,14 +524,13 @@ class VdiDriver(Driver):
             raise UnsupportedFeature(f"{where}: a static VDI cannot have a parent")
         path = self.storage.resolve(ref.path)
         try:
-            with open(path, "rb") as f:
-                raw = f.read(HEADER_AREA)
+            parent = _peek_header(path)
         except OSError as e:
             raise BackingMismatch(f"{where}: cannot read parent {path}: {e.strerror}") from None
-        if len(raw) < HEADER_AREA or VdiHeader.unpack(raw).signature != SIGNATURE:
+        if parent is None:
             raise UnsupportedFeature(f"{where}: parent {path} is not a VDI image")
         self.h.image_type = TYPE_DIFF
-        self.h.uuid_link = VdiHeader.unpack(raw).uuid_image
+        self.h.uuid_link = parent.uuid_image
 
     def info(self) -> dict[str, Any]:
         return {
