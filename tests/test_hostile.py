@@ -355,3 +355,30 @@ def test_qcow2_writes_never_land_on_an_l2_table(seed_dir: Path, case: str) -> No
             d.write(off, b"\x5a" * cs)
         d.flush()
     assert "L2 table" in str(e.value)
+
+
+@pytest.mark.parametrize("backing", ["fifo", "self", "dir", "missing"])
+def test_hostile_backing_file_names(tmp_path: Path, qemu_img, backing: str) -> None:
+    """A backing file name that is a FIFO (opening it would block forever), the image
+    itself, a directory or nothing: one line on stderr, exit 1 or 2, no hang."""
+    top = tmp_path / "top.qcow2"
+    target = {
+        "fifo": tmp_path / "fifo",
+        "self": top,
+        "dir": tmp_path,
+        "missing": tmp_path / "missing.raw",
+    }[backing]
+    if backing == "fifo":
+        os.mkfifo(target)
+    if backing == "self":  # qemu-img create refuses this; rebase -u does not
+        qemu_img("create", "-q", "-f", "qcow2", str(top), "1M")
+        qemu_img("rebase", "-u", "-b", str(top), "-F", "qcow2", str(top))
+    else:
+        qemu_img(
+            "create", "-q", "-f", "qcow2", "-u", "-b", str(target), "-F", "raw", str(top), "1M"
+        )
+    before = _digest(str(top))
+    for command in ("info", "map"):
+        p = subprocess.run([*VDISK, command, str(top)], capture_output=True, text=True, timeout=30)
+        _assert_one_clean_line(f"vdisk {command} ({backing})", p.returncode, p.stderr, p.stdout)
+    assert _digest(str(top)) == before
