@@ -244,7 +244,7 @@ def test_wrong_magic(small):
 
 
 def test_bat_past_end(small):
-    patch(small, 32, struct.pack("<IQ", 1 << 30, 1 << 37))
+    patch(small, prl.OFF_BAT_ENTRIES, struct.pack("<IQ", 1 << 30, 1 << 37))
     driver_read_fails(DRIVER_CLASS, small, match="past the end")
 
 
@@ -290,7 +290,7 @@ def test_mutated_headers_give_clear_errors(small):
 
 
 def test_unclean_close_is_reported_and_repaired(small, qemu_img):
-    patch(small, 44, struct.pack("<I", prl.IN_USE))
+    patch(small, prl.OFF_IN_USE, struct.pack("<I", prl.IN_USE))
     assert qemu_img("check", small, check=False).returncode == 2  # qemu: not closed correctly
     d = open_driver(DRIVER_CLASS, small)
     try:
@@ -326,7 +326,7 @@ def test_format_extension(small, qemu_img, feature, flags):
     struct.pack_into("<Q", cluster, 0, prl.EXT_MAGIC)
     cluster[8:24] = hashlib.md5(bytes(cluster[24:])).digest()
     patch(small, ext, bytes(cluster))
-    patch(small, 56, struct.pack("<Q", ext // 512))
+    patch(small, prl.OFF_EXT, struct.pack("<Q", ext // 512))
     want = b"\x33" * MiB + bytes(3 * MiB)
     with vdisk.open(small, readonly=True) as d:
         assert d.read(0, d.size) == want

@@ -52,6 +52,12 @@ from vdisk.storage import FileStorage, Storage
 # disk size in sectors, in_use, data offset (sectors), flags, extension offset (sectors)
 HEADER = struct.Struct("<16sIIIIIQIIIQ")
 assert HEADER.size == 64
+# offsets of the header fields written on their own
+OFF_BAT_ENTRIES = struct.calcsize("<16sIIII")
+OFF_IN_USE = struct.calcsize("<16sIIIIIQ")
+OFF_FLAGS = OFF_IN_USE + 8
+OFF_EXT = OFF_FLAGS + 4
+assert (OFF_BAT_ENTRIES, OFF_IN_USE, OFF_FLAGS, OFF_EXT) == (32, 44, 52, 56)
 MAGIC_OLD = b"WithoutFreeSpace"
 MAGIC_EXT = b"WithouFreSpacExt"
 VERSION = 2
@@ -104,6 +110,11 @@ class Bundle:
                 raise CorruptImage(f"{where}: image {guid} has no Shot element")
             guid = self.parents[guid]
         return out
+
+    def ref(self, guid: str) -> BackingRef:
+        """The image of ``guid`` as a backing image (a Plain one is raw bytes)."""
+        file, kind = self.images[guid]
+        return BackingRef(file, "parallels" if kind == "Compressed" else "raw")
 
     def guid_of(self, file: str) -> str | None:
         for guid, (f, _t) in self.images.items():
@@ -304,8 +315,7 @@ class ParallelsDriver(Driver):
             d = cls(st, readonly)
             d._load()
             if len(chain) > 1:
-                pfile, pkind = bundle.images[chain[1]]
-                d.backing = BackingRef(pfile, "parallels" if pkind == "Compressed" else "raw")
+                d.backing = bundle.ref(chain[1])
         except BaseException:
             st.close()
             raise
@@ -336,8 +346,7 @@ class ParallelsDriver(Driver):
         chain = bundle.chain(guid, path)
         if len(chain) < 2:
             return None
-        pfile, pkind = bundle.images[chain[1]]
-        return BackingRef(pfile, "parallels" if pkind == "Compressed" else "raw")
+        return bundle.ref(chain[1])
 
     def set_backing(self, ref: BackingRef | None, backing: Driver | None = None) -> None:
         """Rewrite this image's ParentGUID in DiskDescriptor.xml (flatten: none; rebase: the
@@ -459,7 +468,7 @@ class ParallelsDriver(Driver):
             st.pwrite(HEADER.size, bytes(4 * nbat))
             self.bat = PagedTable(st, HEADER.size, nbat)
             self.flags &= ~FLAG_EMPTY
-            st.pwrite(52, struct.pack("<I", self.flags))
+            st.pwrite(OFF_FLAGS, struct.pack("<I", self.flags))
 
     # -- mapping ----------------------------------------------------------------------------------
 
@@ -508,7 +517,7 @@ class ParallelsDriver(Driver):
             refuse_writes_if_corrupt(self, "Parallels image")  # before it is marked in use
             if self.ext_off:
                 self._drop_extensions()
-            self.storage.pwrite(44, struct.pack("<I", IN_USE))
+            self.storage.pwrite(OFF_IN_USE, struct.pack("<I", IN_USE))
             self.storage.sync()
             self._dirty = True
 
@@ -534,7 +543,7 @@ class ParallelsDriver(Driver):
             keep |= bool(flags & EXT_TRANSIT)
             pos += EXT_FEATURE.size + size + (-size % 8)
         if not keep:
-            self.storage.pwrite(56, struct.pack("<Q", 0))
+            self.storage.pwrite(OFF_EXT, struct.pack("<Q", 0))
             self.ext_off = 0
 
     def write(self, offset: int, data: bytes) -> None:
@@ -603,7 +612,7 @@ class ParallelsDriver(Driver):
             end = min(size, self.nbat * self.cluster_size)
             self.write_zeroes(self.size, end - self.size)
         self.storage.sync()
-        self.storage.pwrite(32, struct.pack("<IQ", nbat, size // SECTOR))
+        self.storage.pwrite(OFF_BAT_ENTRIES, struct.pack("<IQ", nbat, size // SECTOR))
         self.nbat, self.size = nbat, size
         self.bat = PagedTable(self.storage, HEADER.size, nbat)
 
@@ -614,7 +623,7 @@ class ParallelsDriver(Driver):
         try:
             if self._dirty and not self.readonly and getattr(self.storage, "fd", 0) != -1:
                 self.storage.sync()
-                self.storage.pwrite(44, struct.pack("<I", CLOSED))
+                self.storage.pwrite(OFF_IN_USE, struct.pack("<I", CLOSED))
                 self.storage.sync()
         finally:
             self.storage.close()
@@ -668,7 +677,7 @@ class ParallelsDriver(Driver):
         unclean = self.in_use == IN_USE and not self._dirty
         rep.info = {"clusters": self.nbat, "closed-cleanly": not unclean}
         if unclean and repair and not rep.corruptions and not self.readonly:
-            self.storage.pwrite(44, struct.pack("<I", CLOSED))
+            self.storage.pwrite(OFF_IN_USE, struct.pack("<I", CLOSED))
             self.storage.sync()
             self.in_use = CLOSED
             rep.repaired.append("in_use flag cleared (the image was not closed cleanly)")
