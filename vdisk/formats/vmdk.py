@@ -45,7 +45,7 @@ import sys
 import zlib
 from array import array
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import astuple, dataclass, field
+from dataclasses import astuple, dataclass, field, replace
 from typing import Any
 
 from vdisk.cache.lru import LRU
@@ -871,9 +871,7 @@ class _Sparse:
         self.dirty_gts.clear()
         gd_body = _u32_bytes(self.gd).ljust(_align(len(self.gd) * 4), b"\0")
         at = self._alloc(SECTOR + len(gd_body) + 3 * SECTOR)
-        f = _Header(**{s: getattr(self.footer or self.h, s) for s in _Header.__slots__})
-        f.gd = at // SECTOR + 1
-        f.rgd = 0
+        f = replace(self.footer or self.h, gd=at // SECTOR + 1, rgd=0)
         blob = (
             MARKER.pack(len(gd_body) // SECTOR, 0, MARKER_GD).ljust(SECTOR, b"\0")
             + gd_body
@@ -1542,8 +1540,7 @@ def _write_stream(st: Storage, sectors: int, grain: int, text: str) -> None:
     )
     gd_body = bytes(_align(n * 4))
     gd_at = overhead + 1
-    footer = _Header(**{s: getattr(h, s) for s in _Header.__slots__})
-    footer.gd = gd_at
+    footer = replace(h, gd=gd_at)
     st.pwrite(0, h.pack() + desc)
     st.pwrite(
         overhead * SECTOR,
