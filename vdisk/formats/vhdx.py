@@ -682,6 +682,7 @@ class VhdxDriver(Driver):
         if st.pread_exact(0, 8, "VHDX file identifier") != FILE_ID_SIG:
             raise CorruptImage(f"{where}: no VHDX file identifier ('vhdxfile') at offset 0")
         self.header, self.header_slot = _read_headers(st)
+        clear_log = False  # an empty log's GUID is cleared once the rest has validated
         if any(self.header.log_guid):
             entries, last = read_log(st, self.header)
             if entries:
@@ -692,7 +693,10 @@ class VhdxDriver(Driver):
                     self.replayed = True
             if not self.readonly:
                 self.header.log_guid = bytes(16)
-                self._write_headers()
+                if entries:
+                    self._write_headers()
+                else:
+                    clear_log = True
             fsize = st.size()
         regions = _read_regions(st, fsize)
         self.bat_offset, self.bat_length = regions[BAT_GUID]
@@ -743,6 +747,8 @@ class VhdxDriver(Driver):
             self.backing = BackingRef(self._parent_path(), "vhdx")
         self.bitmaps: LRU[int, bytearray] = LRU(BITMAP_CACHE)
         self.spb = bs // lss  # sectors per block
+        if clear_log:  # not before: an image refused at open is left as it was
+            self._write_headers()
 
     def _bat_entries(self, blocks: int) -> int:
         cr = self.chunk_ratio
