@@ -3,20 +3,25 @@
 
 Seed images of every format are made at start-up with qemu-img and with vdisk itself,
 from a known pattern. Each mutant (a truncation, a flipped bit, a byte set at random, a
-header or table field set to an extreme, or a handful of these at once) is opened
-read-only in a worker subprocess that runs under a memory limit and a per-image time
-limit; the worker reads the whole disk, asks block_status, info and check.
+header or table field set to an extreme, one table entry copied over another so that two
+name the same block, or a handful of these at once; for VHD, VHDX and vdisk most get
+their header checksums recomputed, so the change reaches the validation behind them) is
+opened read-only in a worker subprocess that runs under a memory limit and a per-image
+time limit; the worker reads the whole disk, asks block_status, info, the snapshots and
+check. A mutant that opens is then written to (a copy: across cluster boundaries, then
+read back); one refused at open is also opened for writing, and must stay unchanged.
 
 The standard (DESIGN.md, "Bad input"): an image either works or fails with a
 vdisk.errors.VdiskError. Anything else is a finding: another exception (a traceback in
 the CLI), a MemoryError, a hang, a crash of the interpreter, a broken contract
-(block_status that does not cover the range, a short read) or a change to the image
-file. Findings are printed and saved under fuzz-out/ (the mutant and a .txt with the
-traceback), so that ``python tools/fuzz.py --replay fuzz-out/X.img --format F`` runs one
-again in the foreground.
+(block_status that does not cover the range, a short read, written data that reads back
+wrong) or a change to an image that was only read or was refused. Findings are printed
+and saved under fuzz-out/ (the mutant and a .txt with the traceback);
+``python tools/fuzz.py --replay fuzz-out/X.img --format F`` runs one again.
 
-If atheris is installed, ``--atheris FORMAT`` runs it over that format's seed instead of
-the plain random mutator (coverage-guided, in-process, same checks).
+If atheris is installed, ``--atheris SEED`` runs it over that seed (a name from
+``--formats``) instead of the plain random mutator (coverage-guided, in-process, reads
+only).
 
 Usage::
 
@@ -815,8 +820,10 @@ def main() -> int:
         return 0
     if a.replay:
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-        print(exercise(a.replay, a.format))
-        return 0
+        res = run_one(a.replay, a.format, a.timeout, writes=True)
+        print(res.pop("detail", "").rstrip())
+        print(json.dumps(res))
+        return 0 if res["outcome"] in ("ok", "error") else 1
     if shutil.which("qemu-img") is None:
         print("fuzz.py: qemu-img is needed to make the seed images", file=sys.stderr)
         return 2
