@@ -188,7 +188,9 @@ class Refcounts:
             raise CorruptImage(
                 f"{self.path}: refcount table entry {ti} points to unaligned offset {off:#x}"
             )
-        buf = bytearray(self.storage.pread(off, self.cs))
+        # checked before the read: an entry past 2**63 would overflow pread's offset
+        past_end = off + self.cs > self.storage.size()
+        buf = bytearray() if past_end else bytearray(self.storage.pread(off, self.cs))
         if len(buf) < self.cs:
             raise CorruptImage(
                 f"{self.path}: refcount block {ti} at {off:#x} lies past the end of the file "
