@@ -122,6 +122,10 @@ class FileStorage(Storage):
             raise StorageError(
                 f"{self.path}: read of {length} bytes at {offset} failed: {e.strerror}"
             ) from None
+        except OverflowError:  # a driver passed on an unchecked offset or length
+            raise StorageError(
+                f"{self.path}: read of {length} bytes at {offset}: out of the file's range"
+            ) from None
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
