@@ -31,8 +31,10 @@ class PagedTable:
         *,
         page: int = 4096,
         capacity: int = TABLE_CACHE,
+        what: str = "table",
     ) -> None:
         self.storage = storage
+        self.what = what  # names the table in errors
         self.offset = offset
         self.count = count
         self.entry = struct.Struct(fmt)
@@ -45,7 +47,8 @@ class PagedTable:
             first = p * self.per_page
             n = min(self.per_page, self.count - first)
             es = self.entry.size
-            buf = bytearray(self.storage.pread_exact(self.offset + first * es, n * es, "table"))
+            at = self.offset + first * es
+            buf = bytearray(self.storage.pread_exact(at, n * es, f"{self.what} page {p}"))
             self.cache.put(p, buf)
         return buf
 

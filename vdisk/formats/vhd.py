@@ -65,7 +65,7 @@ from vdisk.formats.base import (
     merge_extents,
     reject_unknown_options,
 )
-from vdisk.formats.common import bool_option
+from vdisk.formats.common import PagedTable, bool_option
 from vdisk.storage import FileStorage, Storage
 
 # -- on-disk structures -------------------------------------------------------------------
@@ -105,8 +105,8 @@ MAX_SIZE = 0xFF00_0000 * SECTOR  # 2040 GiB, qemu's limit (and the format's prac
 MAX_BLOCK = 256 << 20
 MAX_LOCATOR = 65536
 DEFAULT_BLOCK = 2 << 20
-TABLE_CACHE_BYTES = 16 << 20
-BAT_PAGE = 1024  # BAT entries per cached page (4 KiB)
+BAT_CACHE_BYTES = 4 << 20  # BAT pages kept in memory
+BITMAP_CACHE_BYTES = 12 << 20  # block bitmaps kept in memory
 
 
 def checksum(data: bytes | bytearray, at: int) -> int:
@@ -281,7 +281,8 @@ class VhdDriver(Driver):
     def __init__(self, storage: Storage, readonly: bool) -> None:
         self.storage = storage
         self.readonly = readonly
-        self.tables: LRU[tuple[str, int], Any] = LRU(TABLE_CACHE_BYTES, weigh=_weigh)
+        self.bat: PagedTable  # dynamic and differencing disks only
+        self.bitmaps: LRU[int, bytearray] = LRU(BITMAP_CACHE_BYTES)
         self.footer_from_copy = False
         self.footer_repaired = False
         self.overlaps_checked = False
@@ -426,6 +427,7 @@ class VhdDriver(Driver):
                 f"{where}: BAT at {self.bat_offset} of {self.max_entries} entries ends at "
                 f"{self.bat_end}, past the footer at {self.footer_pos}"
             )
+        self._new_bat()
         self.entries = need
         self.bitmap_size = _bitmap_size(b)
         self.cluster_size = min(b, 65536)
@@ -494,17 +496,18 @@ class VhdDriver(Driver):
 
     # -- tables ---------------------------------------------------------------------------
 
+    def _new_bat(self) -> None:
+        self.bat = PagedTable(
+            self.storage,
+            self.bat_offset,
+            self.max_entries,
+            ">I",
+            capacity=BAT_CACHE_BYTES,
+            what="BAT",
+        )
+
     def _bat(self, b: int) -> int:
-        page = b // BAT_PAGE
-        t: list[int] | None = self.tables.get(("bat", page))
-        if t is None:
-            n = min(BAT_PAGE, self.max_entries - page * BAT_PAGE)
-            raw = self.storage.pread_exact(
-                self.bat_offset + page * BAT_PAGE * 4, n * 4, f"BAT page {page}"
-            )
-            t = list(struct.unpack(f">{n}I", raw))
-            self.tables.put(("bat", page), t)
-        e = t[b % BAT_PAGE]
+        e = self.bat.get(b)
         if e != UNUSED:
             start = e * SECTOR
             end = start + self.bitmap_size + self.block_size
@@ -520,18 +523,11 @@ class VhdDriver(Driver):
                 )
         return e
 
-    def _set_bat(self, b: int, value: int) -> None:
-        self._bat(b)  # loads the page
-        t = self.tables.get(("bat", b // BAT_PAGE))
-        assert t is not None
-        t[b % BAT_PAGE] = value
-        self.storage.pwrite(self.bat_offset + b * 4, struct.pack(">I", value))
-
     def _bitmap(self, b: int, e: int) -> bytearray:
-        bm = self.tables.get(("bm", b))
+        bm = self.bitmaps.get(b)
         if bm is None:
             bm = bytearray(self.storage.pread_exact(e * SECTOR, self.bitmap_size, f"bitmap {b}"))
-            self.tables.put(("bm", b), bm)
+            self.bitmaps.put(b, bm)
         return bm
 
     # -- I/O ------------------------------------------------------------------------------
@@ -633,8 +629,8 @@ class VhdDriver(Driver):
         self.storage.pwrite(new_footer, self.footer.raw)
         self.storage.sync()  # block and footer durable before the BAT points at the block
         self.footer_pos = new_footer
-        self._set_bat(b, at // SECTOR)
-        self.tables.put(("bm", b), bm)
+        self.bat.set(b, at // SECTOR)
+        self.bitmaps.put(b, bm)
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         if self.type == TYPE_FIXED:
@@ -742,7 +738,7 @@ class VhdDriver(Driver):
             st.punch_hole(e * SECTOR + self.bitmap_size + s0 * SECTOR, b - s0 * SECTOR)
         for blk in range(need, self.entries):  # shrink: blocks past the end are dropped
             if self._bat(blk) != UNUSED:
-                self._set_bat(blk, UNUSED)
+                self.bat.set(blk, UNUSED)
         if need > self.max_entries:
             room = (self.max_entries * 4 + SECTOR - 1) // SECTOR * SECTOR // 4
             if need <= room:  # the BAT's own padding has room
@@ -759,7 +755,7 @@ class VhdDriver(Driver):
             st.sync()
             self.max_entries = need
             self.bat_end = self.bat_offset + need * 4
-            self.tables.clear()
+            self._new_bat()
             hdr = bytearray(self.header_raw)
             struct.pack_into(">Q", hdr, 16, self.bat_offset)
             struct.pack_into(">I", hdr, 28, need)
@@ -872,7 +868,9 @@ class VhdDriver(Driver):
         return out
 
     def stats(self) -> dict[str, Any]:
-        return {"tables": self.tables.stats()}
+        if self.type == TYPE_FIXED:
+            return {}
+        return {"bat": self.bat.stats(), "bitmaps": self.bitmaps.stats()}
 
     def check(self, *, repair: bool = False) -> CheckReport:
         """Every BAT entry inside the file, past the metadata, no two blocks overlapping;
@@ -995,10 +993,6 @@ class VhdDriver(Driver):
 def _check_path(text: str, where: str, what: str) -> None:
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
         raise CorruptImage(f"{where}: {what} contains a control character")
-
-
-def _weigh(v: Any) -> int:
-    return len(v) * (8 if isinstance(v, list) else 1)
 
 
 def _parent_fields(
