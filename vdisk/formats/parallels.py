@@ -461,12 +461,12 @@ class ParallelsDriver(Driver):
         self.cluster_size = cs
         self.data_offset = data
         self.unit = cs if magic == MAGIC_EXT else SECTOR  # what a BAT entry counts
-        self.bat = PagedTable(st, HEADER.size, nbat)
+        self.bat = PagedTable(st, HEADER.size, nbat, what="BAT")
         self.nbat = nbat
         if self.flags & FLAG_EMPTY and not self.readonly:
             self._begin_write()
             st.pwrite(HEADER.size, bytes(4 * nbat))
-            self.bat = PagedTable(st, HEADER.size, nbat)
+            self.bat = PagedTable(st, HEADER.size, nbat, what="BAT")
             self.flags &= ~FLAG_EMPTY
             st.pwrite(OFF_FLAGS, struct.pack("<I", self.flags))
 
@@ -614,7 +614,7 @@ class ParallelsDriver(Driver):
         self.storage.sync()
         self.storage.pwrite(OFF_BAT_ENTRIES, struct.pack("<IQ", nbat, size // SECTOR))
         self.nbat, self.size = nbat, size
-        self.bat = PagedTable(self.storage, HEADER.size, nbat)
+        self.bat = PagedTable(self.storage, HEADER.size, nbat, what="BAT")
 
     def flush(self) -> None:
         self.storage.sync()

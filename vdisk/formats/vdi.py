@@ -199,7 +199,7 @@ class VdiDriver(Driver):
         self.size = h.disk_size
         self.block_size = h.block_size
         self.cluster_size = h.block_size
-        self.bmap = PagedTable(storage, h.offset_bmap, h.blocks_in_image)
+        self.bmap = PagedTable(storage, h.offset_bmap, h.blocks_in_image, what="block map")
         fsize = storage.size()
         used = max(0, fsize - h.offset_data)
         self.next_index = max(h.blocks_allocated, -(-used // h.block_size))
@@ -457,7 +457,7 @@ class VdiDriver(Driver):
                 raw = b"\xff" * (4 * (blocks - old))
             self.storage.pwrite(self.h.offset_bmap + 4 * old, raw)
             self.h.blocks_in_image = blocks
-            self.bmap = PagedTable(self.storage, self.h.offset_bmap, blocks)
+            self.bmap = PagedTable(self.storage, self.h.offset_bmap, blocks, what="block map")
         self.h.disk_size = size
         self.size = size
         self._write_header()

@@ -733,7 +733,7 @@ class VhdxDriver(Driver):
                 f"{where}: VHDX BAT region of {self.bat_length} bytes holds fewer than the "
                 f"{nbat} entries the disk needs"
             )
-        self.bat = PagedTable(st, self.bat_offset, nbat, "<Q")
+        self.bat = PagedTable(st, self.bat_offset, nbat, "<Q", what="BAT")
         # a differencing disk tracks presence per sector, so copy-up can be small; a dynamic
         # disk's cluster is only the cache's unit
         self.cluster_size = min(bs, DIFF_CLUSTER if self.has_parent else MiB)
@@ -1031,7 +1031,7 @@ class VhdxDriver(Driver):
         struct.pack_into("<Q", buf, item - page, size)
         self._logged_write([(page, bytes(buf))])
         self.size, self.blocks = size, blocks
-        self.bat = PagedTable(self.storage, self.bat_offset, nbat, "<Q")
+        self.bat = PagedTable(self.storage, self.bat_offset, nbat, "<Q", what="BAT")
 
     def _meta_item_offset(self, guid: bytes) -> int:
         table = self.storage.pread_exact(self.meta_offset, META_TABLE_SIZE, "VHDX metadata table")
@@ -1177,7 +1177,7 @@ class VhdxDriver(Driver):
         self._logged_write(sorted((p, bytes(b)) for p, b in pages.items()))
         self.flags = flags
         self.has_parent = bool(flags & FLAG_HAS_PARENT)
-        self.bat = PagedTable(st, self.bat_offset, self._bat_entries(self.blocks), "<Q")
+        self.bat = PagedTable(st, self.bat_offset, self._bat_entries(self.blocks), "<Q", what="BAT")
         self.cluster_size = min(self.block_size, DIFF_CLUSTER if self.has_parent else MiB)
         if locator is None:
             self.locator = {}
