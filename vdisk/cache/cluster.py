@@ -103,7 +103,7 @@ class ClusterCache:
             self.counters["evictions"] += 1
             if idx in self.dirty:
                 self.dirty.discard(idx)
-                victims.append((idx * self.cs, bytes(data)))
+                victims.append((idx * self.cs, data if isinstance(data, bytes) else bytes(data)))
         if victims:
             self._write_back(victims)
 
@@ -266,9 +266,21 @@ class ClusterCache:
             idxs = [i for i in self.dirty if lo <= i <= hi]
         if not idxs:
             return
-        writes = [(i * self.cs, bytes(self.entries[i])) for i in idxs]
-        self.dirty.difference_update(idxs)
-        self._write_back(writes)
+        # in batches of at most 1/8 of the cache (as eviction does): the copies and the
+        # driver's encoded buffers of a batch are what a write-back adds to memory
+        idxs.sort()
+        batch = max(1, (self.capacity // 8) // self.cs)
+        for k in range(0, len(idxs), batch):
+            part = idxs[k : k + batch]
+            writes = []
+            for i in part:
+                cl = self.entries[i]
+                if isinstance(cl, bytearray):  # freeze it: what was written back is clean
+                    cl = bytes(cl)
+                    self.entries[i] = cl
+                writes.append((i * self.cs, cl))
+            self.dirty.difference_update(part)
+            self._write_back(writes)
 
     def invalidate(self) -> None:
         """Forget every clean cluster (after a revert or a resize changed what is below)."""

@@ -668,7 +668,14 @@ class NativeDriver(Driver):
             self._put(c, enc)
 
     def _maybe_commit(self) -> None:
-        if self.commit_interval > 0 and time.monotonic() - self.last_commit >= self.commit_interval:
+        """Commit when the interval has passed, or when the tables changed since the last
+        commit outgrow the metadata cache: they cannot be evicted before a commit writes
+        them, so this is what keeps memory bounded under scattered writes."""
+        due = (
+            self.commit_interval > 0 and time.monotonic() - self.last_commit >= self.commit_interval
+        )
+        dirty = (len(self.map.dirty) + len(self.rtree.dirty)) * self.map.node_size
+        if due or dirty > max(self.cache_bytes, 4 * self.map.node_size):
             self.flush()
 
     def _set_range(self, c0: int, c1: int, value: bytes) -> None:
