@@ -57,7 +57,7 @@ def create(
     backing_format: str | None,
     opts: tuple[str, ...],
 ) -> None:
-    """Create IMAGE of SIZE (e.g. 20G). With -b, SIZE defaults to the backing image's."""
+    """Create IMAGE of SIZE (20G, 512M, 4096); with -b, SIZE defaults to the base's size."""
     if size is None and backing is None:
         raise UsageError("create: a SIZE is needed (e.g. 20G), or -b BACKING to take it from")
     api.create(
