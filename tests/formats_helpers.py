@@ -209,3 +209,17 @@ def random_model_io(
     finally:
         disk.close()
     return model
+
+
+def crash_images_hold_old_or_new(
+    cls: type[Driver], fs: Any, start: int, writes: list[tuple[int, bytes]]
+) -> None:
+    """Cut the power at every operation of ``fs`` (a FaultyStorage) from ``start`` on,
+    with unsynced writes dropped, kept or reordered: each crash image opens and every
+    4 KiB write reads as all old (zeros) or all new, never garbage."""
+    for n in range(start, len(fs.log) + 1):
+        for policy in ("drop", "keep", "reorder"):
+            img = fs.crash_image(n, unsynced=policy, rng=random.Random(n))
+            c = cls.open(MemoryStorage(fs.path, img), readonly=True, options={})
+            for off, data in writes:
+                assert c.read(off, 4096) in (bytes(4096), data), f"op {n} {policy} at {off}"

@@ -17,7 +17,14 @@ import pytest
 
 import vdisk
 from tests.conftest import pattern
-from tests.formats_helpers import api_read_fails, patch, random_model_io, read_file, write_file
+from tests.formats_helpers import (
+    api_read_fails,
+    crash_images_hold_old_or_new,
+    patch,
+    random_model_io,
+    read_file,
+    write_file,
+)
 from vdisk.errors import BackingMismatch, CorruptImage, UnsupportedFeature, UsageError
 from vdisk.formats.base import Kind
 from vdisk.formats.vhd import VhdDriver, checksum, geometry
@@ -489,7 +496,6 @@ def test_crash_order_of_block_allocation():
     reads as all old (zeros) or all new."""
     import random
 
-    from vdisk.storage import MemoryStorage
     from vdisk.storage.faulty import FaultyStorage
 
     fs = FaultyStorage(path="crash.vhd")
@@ -508,12 +514,7 @@ def test_crash_order_of_block_allocation():
         if i % 7 == 6:
             d.flush()
     d.flush()
-    for n in range(start, len(fs.log) + 1):
-        for policy in ("drop", "keep", "reorder"):
-            img = fs.crash_image(n, unsynced=policy, rng=random.Random(n))
-            c = VhdDriver.open(MemoryStorage("crash.vhd", img), readonly=True, options={})
-            for off, data in writes:
-                assert c.read(off, 4096) in (bytes(4096), data), f"op {n} {policy} at {off}"
+    crash_images_hold_old_or_new(VhdDriver, fs, start, writes)
 
 
 def test_check_footer_copy(tmp_path):

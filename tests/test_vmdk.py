@@ -15,7 +15,14 @@ import pytest
 
 import vdisk
 from tests.conftest import pattern
-from tests.formats_helpers import api_read_fails, patch, random_model_io, read_file, write_file
+from tests.formats_helpers import (
+    api_read_fails,
+    crash_images_hold_old_or_new,
+    patch,
+    random_model_io,
+    read_file,
+    write_file,
+)
 from vdisk.errors import (
     BackingMismatch,
     CorruptImage,
@@ -515,7 +522,6 @@ def test_crash_order_of_new_grains():
     (zeros) or all new, never as garbage, since GT entries follow a barrier."""
     import random
 
-    from vdisk.storage import MemoryStorage
     from vdisk.storage.faulty import FaultyStorage
 
     fs = FaultyStorage(path="crash.vmdk")
@@ -529,12 +535,7 @@ def test_crash_order_of_new_grains():
     d.write_many(writes[:20])
     d.write_many(writes[20:])
     d.flush()
-    for n in range(start, len(fs.log) + 1):
-        for policy in ("drop", "keep", "reorder"):
-            img = fs.crash_image(n, unsynced=policy, rng=random.Random(n))
-            c = VmdkDriver.open(MemoryStorage("crash.vmdk", img), readonly=True, options={})
-            for off, data in writes:
-                assert c.read(off, 4096) in (bytes(4096), data), f"op {n} {policy} at {off}"
+    crash_images_hold_old_or_new(VmdkDriver, fs, start, writes)
 
 
 def test_grain_tables_allocated_on_demand(tmp_path, qemu_img):

@@ -959,9 +959,7 @@ class VhdxDriver(Driver):
         falls_through = self.has_parent and state in (NOT_PRESENT, UNDEFINED)
         if not falls_through and not any(piece):
             return  # zeros over a block that reads as zeros
-        whole = within == 0 and len(piece) == min(
-            self.block_size, self.size - blk * self.block_size
-        )
+        whole = within == 0 and len(piece) == self._used(blk)
         host = self._new_space(self.block_size)
         self.storage.pwrite(host + within, piece)
         self.storage.sync()  # the block and the file size are durable before the BAT says so
@@ -982,8 +980,7 @@ class VhdxDriver(Driver):
                 self.storage.punch_hole(host + within, n)
                 self._set_bits(blk, within, n)
             elif state in (NOT_PRESENT, UNDEFINED) and self.has_parent:
-                whole = within == 0 and n == min(self.block_size, self.size - blk * self.block_size)
-                if whole:
+                if within == 0 and n == self._used(blk):
                     self._set_entry(self._bat_index(blk), ZERO, 0)
                 else:
                     self._allocate(blk, state, within, memoryview(bytes(n)))
@@ -1108,7 +1105,7 @@ class VhdxDriver(Driver):
             state, host = self._entry(blk)
             if state != PARTIALLY_PRESENT:
                 continue
-            n = min(self.block_size, self.size - blk * self.block_size)
+            n = self._used(blk)
             for present, o, k in self._runs(blk, 0, n):
                 if not present:
                     self.storage.punch_hole(host + o, k)
