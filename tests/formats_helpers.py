@@ -223,3 +223,19 @@ def crash_images_hold_old_or_new(
             c = cls.open(MemoryStorage(fs.path, img), readonly=True, options={})
             for off, data in writes:
                 assert c.read(off, 4096) in (bytes(4096), data), f"op {n} {policy} at {off}"
+
+
+def grow_and_compare(
+    qemu_img, tmp_path: Path, path: str, fmt: str, old: int, new: int, options: dict | None = None
+) -> None:
+    """Fill an ``old``-byte image, grow it to ``new`` bytes and write its last 4 KiB:
+    qemu-img checks it clean and reads the grown middle as zeros."""
+    vdisk.create(path, old, format=fmt, options=options)
+    with vdisk.open(path) as d:
+        d.write(0, b"a" * old)
+        d.resize(new)
+        d.write(new - 4096, b"b" * 4096)
+    ref = tmp_path / "ref.raw"
+    ref.write_bytes(b"a" * old + bytes(new - 4096 - old) + b"b" * 4096)
+    qemu_img("check", path)
+    qemu_img("compare", "-f", fmt, "-F", "raw", path, str(ref))

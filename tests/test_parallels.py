@@ -16,6 +16,7 @@ from tests.conftest import pattern
 from tests.formats_helpers import (
     crash_walk,
     driver_read_fails,
+    grow_and_compare,
     mutated_headers_give_clear_errors,
     open_driver,
     patch,
@@ -272,16 +273,9 @@ def test_check_finds_shared_cluster(small):
 
 
 def test_resize_grows(tmp_path, qemu_img):
+    """The old last cluster was short: its tail must read as zeros."""
     p = str(tmp_path / "r.hdd")
-    vdisk.create(p, 3 * MiB - 512, format="parallels")
-    with vdisk.open(p) as d:
-        d.write(0, b"a" * (3 * MiB - 512))
-        d.resize(7 * MiB)  # the old last cluster was short: its tail must read as zeros
-        d.write(7 * MiB - 4096, b"b" * 4096)
-    ref = tmp_path / "ref.raw"
-    ref.write_bytes(b"a" * (3 * MiB - 512) + bytes(4 * MiB + 512 - 4096) + b"b" * 4096)
-    qemu_img("check", p)
-    qemu_img("compare", "-f", "parallels", "-F", "raw", p, str(ref))
+    grow_and_compare(qemu_img, tmp_path, p, "parallels", 3 * MiB - 512, 7 * MiB)
 
 
 def test_mutated_headers_give_clear_errors(small):

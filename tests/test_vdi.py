@@ -16,6 +16,7 @@ from tests.conftest import pattern
 from tests.formats_helpers import (
     crash_walk,
     driver_read_fails,
+    grow_and_compare,
     mutated_headers_give_clear_errors,
     open_driver,
     patch,
@@ -216,15 +217,7 @@ def test_unknown_uuid_parent_is_clear(tmp_path):
 @pytest.mark.parametrize("static", [False, True])
 def test_resize_grows(tmp_path, qemu_img, static):
     p = str(tmp_path / "r.vdi")
-    vdisk.create(p, 3 * MiB, format="vdi", options={"static": static})
-    with vdisk.open(p) as d:
-        d.write(0, b"a" * 3 * MiB)
-        d.resize(7 * MiB)
-        d.write(7 * MiB - 4096, b"b" * 4096)
-    ref = tmp_path / "ref.raw"
-    ref.write_bytes(b"a" * 3 * MiB + bytes(4 * MiB - 4096) + b"b" * 4096)
-    qemu_img("check", p)
-    qemu_img("compare", "-f", "vdi", "-F", "raw", p, str(ref))
+    grow_and_compare(qemu_img, tmp_path, p, "vdi", 3 * MiB, 7 * MiB, {"static": static})
 
 
 def test_commit_flatten_rebase(tmp_path, qemu_img):

@@ -19,6 +19,7 @@ from tests.conftest import pattern
 from tests.formats_helpers import (
     crash_walk,
     driver_read_fails,
+    grow_and_compare,
     mutated_headers_give_clear_errors,
     open_driver,
     patch,
@@ -333,16 +334,10 @@ def test_errors_are_vdisk_errors(tmp_path):
 
 @pytest.mark.parametrize("subformat", ["dynamic", "fixed"])
 def test_resize_grows(tmp_path, qemu_img, subformat):
+    """Inside the last 8 MiB block: its tail must read as zeros."""
     p = str(tmp_path / "r.vhdx")
-    vdisk.create(p, 3 * MiB, format="vhdx", options={"subformat": subformat})
-    with vdisk.open(p) as d:
-        d.write(0, b"a" * 3 * MiB)
-        d.resize(7 * MiB)  # inside the last 8 MiB block: its tail must read as zeros
-        d.write(7 * MiB - 4096, b"b" * 4096)
-    ref = tmp_path / "ref.raw"
-    ref.write_bytes(b"a" * 3 * MiB + bytes(4 * MiB - 4096) + b"b" * 4096)
-    qemu_img("check", p)
-    qemu_img("compare", "-f", "vhdx", "-F", "raw", p, str(ref))
+    opts = {"subformat": subformat}
+    grow_and_compare(qemu_img, tmp_path, p, "vhdx", 3 * MiB, 7 * MiB, opts)
 
 
 def test_commit_flatten_rebase(tmp_path, qemu_img):
