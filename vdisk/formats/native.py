@@ -14,6 +14,7 @@ this file (the driver: allocation and refcounts, mapping, I/O, commit, backing).
 
 from __future__ import annotations
 
+import logging
 import struct
 import time
 import uuid as uuidlib
@@ -78,6 +79,8 @@ from vdisk.formats.native_layout import (
 )
 from vdisk.formats.native_tree import Tree
 from vdisk.storage import Storage
+
+log = logging.getLogger(__name__)
 
 RC = struct.Struct("<H")
 IDENTITY_BYTES = 4096  # a foreign base is identified by its size and xxh3 of head + tail
@@ -248,6 +251,7 @@ class NativeDriver(Driver):
         # reason to fall back silently to older data.
         copies = []
         errors: list[str] = []
+        damaged: list[int] = []
         for off in HEADER_OFFSETS:
             raw = st.pread(off, HEADER_SLOT)
             gen = header_generation(raw)
@@ -256,11 +260,23 @@ class NativeDriver(Driver):
                     parse_header(raw, st.path, off, fsize)
                 except VdiskError as e:
                     errors.append(str(e))
+                    if raw.count(0) != len(raw):
+                        damaged.append(off)
                 continue
             copies.append((gen, off, raw))
         if not copies:
             raise CorruptImage(f"{st.path}: no valid header copy ({'; '.join(errors)})")
-        _gen, off, raw = max(copies)
+        gen, off, raw = max(copies)
+        if damaged:
+            # a commit torn by a crash, or a damaged header: either way the other copy is
+            # the last complete commit, which is what the user should know they are seeing
+            log.warning(
+                "%s: header copy at offset %d is damaged; opened the other copy "
+                "(generation %d, the last complete commit)",
+                st.path,
+                damaged[0],
+                gen,
+            )
         return parse_header(raw, st.path, off, fsize)
 
     def _read_blob(self, e: Entry, what: str) -> bytes:
