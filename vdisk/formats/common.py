@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from vdisk.cache.lru import LRU
 from vdisk.errors import CorruptImage, UsageError
-from vdisk.formats.base import Driver
+from vdisk.formats.base import BackingRef, Driver
 from vdisk.storage import Storage
 
 TABLE_CACHE = 4 << 20  # bytes of table pages a PagedTable keeps in memory
@@ -111,3 +113,20 @@ def refuse_writes_if_corrupt(driver: Driver, what: str) -> None:
             f"{driver.storage.path}: refusing to write to a corrupt {what}: {bad[0]} "
             f"({len(bad)} problem(s); vdisk check lists them)"
         )
+
+
+@contextmanager
+def create_parent(
+    cls: type[Driver], storage: Storage, ref: BackingRef, given: Driver | None
+) -> Iterator[Driver]:
+    """The parent an overlay is created over (vhd, vmdk): the driver the generic layer
+    already opened (``backing_driver``), else ``ref``'s file opened read-only beside the
+    new image and closed again when the block ends."""
+    if given is not None:
+        yield given
+        return
+    own = cls.open(storage.sibling(ref.path, readonly=True), readonly=True, options={})
+    try:
+        yield own
+    finally:
+        own.close()

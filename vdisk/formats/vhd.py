@@ -45,6 +45,7 @@ import struct
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from typing import Any
 
 from vdisk.cache.lru import LRU
@@ -65,7 +66,7 @@ from vdisk.formats.base import (
     merge_extents,
     reject_unknown_options,
 )
-from vdisk.formats.common import PagedTable, bool_option
+from vdisk.formats.common import PagedTable, bool_option, create_parent
 from vdisk.storage import FileStorage, Storage
 
 # -- on-disk structures -------------------------------------------------------------------
@@ -935,25 +936,24 @@ class VhdDriver(Driver):
         now = max(0, int(time.time()) - EPOCH)
         uid = uuid.uuid4().bytes
         parent: VhdDriver | None = None
-        own = None
-        if ref is not None:
-            if sub == "fixed" and options.get("subformat"):
-                raise UsageError("vhd: a fixed disk cannot have a parent")
-            p = options.get("backing_driver")
-            if p is None:
-                own = p = cls.open(
-                    storage.sibling(ref.path, readonly=True), readonly=True, options={}
+        with ExitStack() as stack:
+            if ref is not None:
+                if sub == "fixed" and options.get("subformat"):
+                    raise UsageError("vhd: a fixed disk cannot have a parent")
+                p = stack.enter_context(
+                    create_parent(cls, storage, ref, options.get("backing_driver"))
                 )
-            if not isinstance(p, VhdDriver):
-                raise UnsupportedFeature(
-                    f"vhd: the parent of a differencing disk must be a VHD, {ref.path} is {p.name}"
-                )
-            parent = p
-        try:
+                if not isinstance(p, VhdDriver):
+                    raise UnsupportedFeature(
+                        f"vhd: the parent of a differencing disk must be a VHD, "
+                        f"{ref.path} is {p.name}"
+                    )
+                parent = p
             if parent is not None:
                 if size != parent.size:
                     raise UsageError(
-                        f"vhd: a differencing disk has its parent's size ({parent.size}), not {size}"
+                        f"vhd: a differencing disk has its parent's size ({parent.size}), "
+                        f"not {size}"
                     )
                 pf = parent.footer
                 chs = (pf.cyls, pf.heads, pf.spt)
@@ -985,9 +985,6 @@ class VhdDriver(Driver):
                 storage.pwrite(vsize, footer)
                 return
             _write_dynamic(storage, footer, vsize, block, parent, ref)
-        finally:
-            if own is not None:
-                own.close()
 
 
 def _check_path(text: str, where: str, what: str) -> None:

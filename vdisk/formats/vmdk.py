@@ -65,7 +65,7 @@ from vdisk.formats.base import (
     merge_extents,
     reject_unknown_options,
 )
-from vdisk.formats.common import bool_option
+from vdisk.formats.common import bool_option, create_parent
 from vdisk.storage import Storage
 
 # -- on-disk structures (VMDK 5.0 spec, "Hosted Sparse Extent Header") ------------------
@@ -602,7 +602,8 @@ class _Sparse:
         lba, size = GRAIN_MARKER.unpack(head)
         if lba != g * self.h.grain:
             raise CorruptImage(
-                f"{self.where}: grain marker at {host} names sector {lba}, expected {g * self.h.grain}"
+                f"{self.where}: grain marker at {host} names sector {lba}, "
+                f"expected {g * self.h.grain}"
             )
         if size == 0 or size > 2 * self.grain + 4096:
             raise CorruptImage(
@@ -1374,13 +1375,7 @@ class VmdkDriver(Driver):
         if ref is not None:
             if sub not in ("monolithicSparse", "twoGbMaxExtentSparse"):
                 raise UsageError(f"vmdk: a {sub} image cannot have a parent")
-            parent = options.get("backing_driver")
-            own = None
-            if parent is None:
-                own = parent = cls.open(
-                    storage.sibling(ref.path, readonly=True), readonly=True, options={}
-                )
-            try:
+            with create_parent(cls, storage, ref, options.get("backing_driver")) as parent:
                 if not isinstance(parent, VmdkDriver) or parent.cid is None:
                     raise UnsupportedFeature(
                         f"vmdk: the parent {ref.path} must be a VMDK image with a descriptor"
@@ -1391,9 +1386,6 @@ class VmdkDriver(Driver):
                         f"vmdk: parent path {ref.path!r} contains a quote or control character"
                     )
                 hint = ref.path
-            finally:
-                if own is not None:
-                    own.close()
         base = os.path.basename(storage.path)
         stem = base[:-5] if base.lower().endswith(".vmdk") else base
         zeroed = bool_option("vmdk", "zeroed_grain", options.get("zeroed_grain", False))
