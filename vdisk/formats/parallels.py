@@ -21,8 +21,9 @@ descriptor is replaced atomically (temporary file, fsync, rename).
 Writing: a new cluster is appended at the end of the file and synced, then its BAT entry
 written (a crash in between leaks the cluster; the entry never names unwritten space).
 A format extension (dirty bitmaps) would go stale, so it is dropped before the first write
-unless it holds an unknown NECESSARY feature (then writing is refused). The header's ``in_use`` field is set before the
-first write and cleared on close, as Parallels and QEMU do, so an unclean close is visible.
+unless it holds an unknown NECESSARY feature (then writing is refused). The header's
+``in_use`` field is set before the first write and cleared on close, as Parallels and QEMU
+do, so an unclean close is visible.
 """
 
 from __future__ import annotations
@@ -442,7 +443,8 @@ class ParallelsDriver(Driver):
         bat_end = HEADER.size + 4 * nbat
         if bat_end > fsize:
             raise CorruptImage(
-                f"{where}: BAT of {nbat} entries ends at {bat_end}, past the end of the file ({fsize})"
+                f"{where}: BAT of {nbat} entries ends at {bat_end}, past the end of the file "
+                f"({fsize})"
             )
         if magic == MAGIC_EXT and data_off == 0:
             raise CorruptImage(f"{where}: data_off is 0 in a WithouFreSpacExt image")

@@ -352,7 +352,8 @@ def read_log(st: Storage, h: Header) -> tuple[list[_LogEntry], int]:
     fsize = st.size()
     if h.log_offset + h.log_length > fsize:
         raise CorruptImage(
-            f"{where}: VHDX log at {h.log_offset}+{h.log_length} is past the end of the file ({fsize})"
+            f"{where}: VHDX log at {h.log_offset}+{h.log_length} is past the end of the file "
+            f"({fsize})"
         )
     log = st.pread_exact(h.log_offset, h.log_length, "VHDX log")
     entries: dict[int, _LogEntry] = {}
