@@ -44,6 +44,7 @@ import struct
 import sys
 import zlib
 from array import array
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass, field, replace
 from typing import Any
@@ -1167,7 +1168,7 @@ class VmdkDriver(Driver):
         self,
         writes: list[tuple[int, bytes]],
         batch: list[tuple[_Sparse, int, bytes]],
-        drain: Any,
+        drain: Callable[[], None],
     ) -> None:
         for offset, data in writes:
             pos = 0
