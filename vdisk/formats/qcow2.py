@@ -38,7 +38,7 @@ import struct
 import time
 import zlib
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from vdisk.cache.lru import LRU
@@ -1401,7 +1401,7 @@ class Qcow2Driver(Driver):
                 add(c * cs, cs, "refcount structure")
         return counts, nclusters
 
-    def _bitmap_references(self, ext: bytes, add: Any) -> None:
+    def _bitmap_references(self, ext: bytes, add: Callable[[int, int, str], None]) -> None:
         cs = self.cluster_size
         nb, _r, dsize, doff = struct.unpack_from(">IIQQ", ext)
         if dsize > 64 << 20 or doff % cs:
