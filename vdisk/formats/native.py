@@ -44,6 +44,7 @@ from vdisk.formats.base import (
     merge_extents,
     reject_unknown_options,
 )
+from vdisk.formats.common import bool_option
 from vdisk.formats.native_layout import (
     BACKING_FOREIGN,
     BACKING_NATIVE,
@@ -188,7 +189,7 @@ class NativeDriver(Driver):
             self.workers = int(options.get("workers", 1))
         except (TypeError, ValueError):
             raise UsageError(f"{storage.path}: bad vdisk option value in {options!r}") from None
-        self.compress = bool(options.get("compress", True))
+        self.compress = bool_option("vdisk", "compress", options.get("compress", True))
         self._executor: ThreadPoolExecutor | None = None
         self._broken: BaseException | None = None
         self.changed = False

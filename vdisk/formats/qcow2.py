@@ -54,6 +54,7 @@ from vdisk.formats.base import (
     merge_extents,
     reject_unknown_options,
 )
+from vdisk.formats.common import bool_option
 from vdisk.formats.qcow2_refcount import (
     MAX_REFTABLE_BYTES,
     U64,
@@ -990,8 +991,8 @@ class Qcow2Driver(Driver):
                 f"{path}: refcount_bits {rbits} (a power of two up to 64; compat 0.10 only 16)"
             )
         order = rbits.bit_length() - 1
-        lazy = bool(options.get("lazy_refcounts"))
-        extl2 = bool(options.get("extended_l2"))
+        lazy = bool_option("qcow2", "lazy_refcounts", options.get("lazy_refcounts"))
+        extl2 = bool_option("qcow2", "extended_l2", options.get("extended_l2"))
         if (lazy or extl2) and version == 2:
             raise UsageError(f"{path}: lazy_refcounts and extended_l2 need compat 1.1")
         if extl2 and cs < 16384:

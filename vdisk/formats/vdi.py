@@ -42,7 +42,7 @@ from vdisk.formats.base import (
     merge_extents,
     reject_unknown_options,
 )
-from vdisk.formats.common import Bitset, PagedTable, refuse_writes_if_corrupt
+from vdisk.formats.common import Bitset, PagedTable, bool_option, refuse_writes_if_corrupt
 from vdisk.storage import FileStorage, Storage
 
 # Pre-header: text line, signature, version (VDI 1.1).
@@ -272,7 +272,7 @@ class VdiDriver(Driver):
             raise UsageError(
                 f"vdi: size {size} must be a positive multiple of 512 up to {MAX_DISK}"
             )
-        static = bool(options.get("static"))
+        static = bool_option("vdi", "static", options.get("static"))
         base = options.get("backing_driver")
         if options.get("backing") is not None:
             if static:
