@@ -15,6 +15,7 @@ this file (the driver: allocation and refcounts, mapping, I/O, commit, backing).
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import time
 import uuid as uuidlib
@@ -182,11 +183,14 @@ class NativeDriver(Driver):
         try:
             self.cache_bytes = max(0, int(float(mb) * (1 << 20)))
             self.commit_interval = float(interval) if interval else 0.0
-            # Measured on the 2-core development machine with other jobs running: 2 threads
-            # made encode 0.55-0.93x and decode 0.4-0.9x as fast as one for 64 KiB
-            # clusters (xxh3 alone: 0.90x at 64 KiB, 0.95x at 1 MiB; lz4 alone 0.95x), so
-            # parallel codec work is opt-in (workers > 1) where idle cores exist.
-            self.workers = int(options.get("workers", 1))
+            # Measured on the idle 2-core machine, 64 KiB clusters of realistic content:
+            # encoding (lz4 compress releases the GIL) on 2 threads runs 1.24x as fast as
+            # on one (a sequential write through the cache ~500 -> ~540 MB/s); decoding
+            # does not gain (lz4 decompress is fast and xxh3 holds the GIL up to 64 KiB):
+            # 2 threads read at 0.3-0.7x. So writes use `workers` threads (default: the
+            # cores, at most 2) and reads stay on the caller's thread. With other jobs
+            # loading the cores, 2 threads measured 0.55-0.93x: pass workers=1 there.
+            self.workers = int(options.get("workers", min(2, os.cpu_count() or 1)))
         except (TypeError, ValueError):
             raise UsageError(f"{storage.path}: bad vdisk option value in {options!r}") from None
         self.compress = bool_option("vdisk", "compress", options.get("compress", True))
@@ -571,10 +575,7 @@ class NativeDriver(Driver):
             start = max(offset, a * cs)
             end = min(offset + length, (a + 1) * cs)
             jobs.append((start - offset, a, start - a * cs, end - start, e))
-        if self._parallel(len(jobs)):
-            datas = list(self._pool().map(lambda j: self._read_cluster(j[1], j[4]), jobs))
-        else:
-            datas = [self._read_cluster(j[1], j[4]) for j in jobs]
+        datas = [self._read_cluster(j[1], j[4]) for j in jobs]  # serial: see __init__
         if not jobs:
             return codec.zeros(length)
         for (pos, _c, within, n, _e), data in zip(jobs, datas):
@@ -595,10 +596,7 @@ class NativeDriver(Driver):
                 out.append(b"")
             else:
                 out.extend(codec.zeros(cs) for _ in range(a, b))
-        if self._parallel(len(jobs)):
-            datas = list(self._pool().map(lambda j: self._read_cluster(j[1], j[2]), jobs))
-        else:
-            datas = [self._read_cluster(c, e) for _i, c, e in jobs]
+        datas = [self._read_cluster(c, e) for _i, c, e in jobs]  # serial: see __init__
         for (i, _c, _e), data in zip(jobs, datas):
             out[i] = data
         self.counters["clusters_read"] += len(jobs)
