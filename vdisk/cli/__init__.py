@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> Any:
     """Entry point: run the command, map errors to one line and an exit code."""
     import logging
 
+    from vdisk import malloc
+
+    malloc.tune()
+
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("vdisk: %(levelname)s: %(message)s"))
     logging.getLogger("vdisk").addHandler(handler)
