@@ -6,7 +6,7 @@ import errno
 import os
 from typing import Any
 
-from vdisk.errors import CorruptImage
+from vdisk.errors import UnsupportedFeature
 from vdisk.formats.base import Driver, Extent, Kind, merge_extents, reject_unknown_options
 from vdisk.storage import FileStorage, Storage
 
@@ -36,9 +36,11 @@ class RawDriver(Driver):
 
     @classmethod
     def create(cls, storage: Storage, size: int, options: dict[str, Any]) -> None:
-        reject_unknown_options(cls.name, options, ("cluster_size", "preallocation"))
         if options.get("backing"):
-            raise CorruptImage("raw images cannot have a backing file")
+            raise UnsupportedFeature(
+                "raw images cannot have a backing file (use -f vdisk or qcow2)"
+            )
+        reject_unknown_options(cls.name, options, ("cluster_size", "preallocation"))
         storage.truncate(size)
 
     def read(self, offset: int, length: int) -> bytes:
