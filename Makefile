@@ -15,6 +15,7 @@ test: setup lint
 lint:
 	$(PYTHON) -m ruff check vdisk tools tests
 	$(PYTHON) -m ruff format --check vdisk tools tests
+	$(PYTHON) -m mypy
 
 bench: setup
 	$(PYTHON) tools/bench

@@ -221,7 +221,8 @@ class Layer:
 
     def depth_of(self, offset: int, length: int) -> int:
         """For `map`: how deep in the chain the first byte of the range is stored."""
-        depth, layer = 0, self
+        depth = 0
+        layer: Layer | None = self
         while layer is not None:
             kind = layer.driver.block_status(offset, length)[0].kind
             if kind != Kind.HOLE:
@@ -387,9 +388,9 @@ class Disk:
         return self._driver
 
     @property
-    def backing(self) -> Disk | None:
-        """The backing chain below as read-only information (None without one)."""
-        return None if self._layer.backing is None else _ChainView(self._layer.backing)  # type: ignore[return-value]
+    def backing(self) -> _ChainView | None:
+        """The backing chain below as read-only facts (path, format, size; None without one)."""
+        return None if self._layer.backing is None else _ChainView(self._layer.backing)
 
     # -- checks --------------------------------------------------------------------
 

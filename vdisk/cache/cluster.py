@@ -133,7 +133,7 @@ class ClusterCache:
             self._readahead = min(max(self._readahead * 2, READAHEAD_MIN), READAHEAD_MAX)
         else:
             self._readahead = 0
-        pieces: list[bytes | memoryview] = []
+        pieces: list[bytes | bytearray | memoryview] = []
         idx = first
         while idx <= last:
             cl = self.entries.get(idx)
@@ -294,7 +294,7 @@ class ClusterCache:
         self.size = size
 
     def stats(self) -> dict[str, Any]:
-        c = dict(self.counters)
+        c: dict[str, Any] = dict(self.counters)
         c.update(
             capacity_bytes=self.capacity,
             cached_bytes=self.used,
