@@ -138,6 +138,8 @@ def info(image: str, fmt: str | None, output: str, force_share: bool, stats: boo
     if spec:
         click.echo("Format specific information:")
         for k, v in spec.items():
+            if k in ("created", "modified") and isinstance(v, (int, float)):
+                v = _fmt_time(v)
             click.echo(f"    {k}: {v}")
     if stats:
         click.echo(f"Cache statistics ({data.get('stats-source', 'this process')}):")
