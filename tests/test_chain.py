@@ -126,3 +126,15 @@ def test_clone_cli_and_info(tmp_path, fmt):
     vdisk_cli("clone", base, clone)
     out = vdisk_cli("info", clone).stdout
     assert "backing chain 1:" in out and base in out
+
+
+def test_open_clone_holds_its_base_read_only(tmp_path, fmt):
+    """A clone opens its base under a shared lock: nobody can write the base meanwhile."""
+    paths, _ = _chain(tmp_path, fmt, 2)
+    with vdisk.open(paths[1]):
+        with pytest.raises(vdisk.ImageLocked):
+            vdisk.open(paths[0])
+        with vdisk.open(paths[0], readonly=True) as base:  # readers may share it
+            assert base.size == SIZE
+    with vdisk.open(paths[0]):  # and once the clone is closed the base is free again
+        pass

@@ -224,7 +224,8 @@ class Layer:
         depth = 0
         layer: Layer | None = self
         while layer is not None:
-            kind = layer.driver.block_status(offset, length)[0].kind
+            with layer.lock:
+                kind = layer.driver.block_status(offset, length)[0].kind
             if kind != Kind.HOLE:
                 return depth
             layer, depth = layer.backing, depth + 1
@@ -271,7 +272,7 @@ def _open_chain(
             "%s: backing file %s has no recorded format; probing it", driver.storage.path, path
         )
     try:
-        base = _open_driver(path, format=fmt, readonly=True, force_share=True, options=None)
+        base = _open_driver(path, format=fmt, readonly=True, force_share=force_share, options=None)
     except ImageNotFound:
         raise BackingMismatch(
             f"{driver.storage.path}: backing file {path} does not exist"
