@@ -16,6 +16,7 @@ import xxhash
 
 from vdisk import api
 from vdisk.api import Disk, Layer, Progress, _open_chain, _open_driver
+from vdisk.cache import codec
 from vdisk.errors import ChecksumMismatch, CorruptImage, InvalidArgument, UsageError, VdiskError
 from vdisk.formats.base import BackingRef, Extent, Kind
 
@@ -45,7 +46,7 @@ def _chunks(offset: int, length: int, align: int) -> Iterator[tuple[int, int]]:
 
 
 def _is_zero(data: bytes) -> bool:
-    return not data.strip(b"\0") if len(data) < 4096 else data == bytes(len(data))
+    return data == codec.zeros(len(data))  # a memcmp against a shared zero buffer
 
 
 # -- convert and compare --------------------------------------------------------------
