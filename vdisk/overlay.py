@@ -67,19 +67,19 @@ class ScratchDriver(Driver):
         data = self.storage.pread(offset, length)
         return data + bytes(length - len(data)) if len(data) < length else data
 
-    def write(self, offset: int, data: bytes) -> None:
-        self.storage.pwrite(offset, data)
-        for idx, _, _ in cluster_spans(offset, len(data), self.cluster_size):
-            if not self._has(idx):
-                self._bits[idx >> 3] |= 1 << (idx & 7)
-                self.written += 1
-
-    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
-        self.storage.punch_hole(offset, length)
+    def _mark(self, offset: int, length: int) -> None:
         for idx, _, _ in cluster_spans(offset, length, self.cluster_size):
             if not self._has(idx):
                 self._bits[idx >> 3] |= 1 << (idx & 7)
                 self.written += 1
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.storage.pwrite(offset, data)
+        self._mark(offset, len(data))
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        self.storage.punch_hole(offset, length)
+        self._mark(offset, length)
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
         out = []
