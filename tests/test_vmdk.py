@@ -9,6 +9,7 @@ Sizes are 2 GiB + 1 MiB so that writes cross grain (64 KiB), grain-table (32 MiB
 from __future__ import annotations
 
 import os
+import re
 import struct
 
 import pytest
@@ -392,7 +393,6 @@ ddb.adapterType = "ide"
         ("", "", "no extents"),
         ('RW 2048 VMFSSPARSE "d-flat.vmdk"', "", "unsupported type"),
         ('RW 2048 FLAT "d-flat.vmdk" 0', "garbage line here\n", "neither"),
-        ('RW 2048 FLAT "d-flat.vmdk" 0', "\0\0junk", "NUL"),
         ('RW \u00b2\u00b3 FLAT "d-flat.vmdk" 0', "", "malformed"),  # non-ASCII digits
         # a line built to make a backtracking parser hang: refused at once
         (
@@ -427,6 +427,32 @@ def test_descriptor_ok_and_limits(tmp_path):
         f.write("# Disk DescriptorFile\n" + "#" * (2 << 20))
     with pytest.raises(CorruptImage, match="limit"):
         vdisk.open(img, readonly=True, format="vmdk")
+
+
+def test_descriptor_text_ends_at_first_nul(tmp_path, qemu_img, qemu_io):
+    """qemu rewrites a shorter descriptor in place (its new CID may have fewer hex digits)
+    and leaves the old tail after the NUL: that tail is stale, ignored and never parsed."""
+    with open(tmp_path / "d-flat.vmdk", "wb") as f:
+        f.truncate(2048 * 512)
+    img = str(tmp_path / "d.vmdk")
+    with open(img, "w") as f:
+        f.write(DESC.format(extents='RW 2048 FLAT "d-flat.vmdk" 0') + "\0RW 100 ZERO\nCID=1\n")
+    with vdisk.open(img, readonly=True) as d:
+        assert d.size == 2048 * 512
+    # the same in an embedded descriptor, as qemu leaves it: a shorter text, then a NUL,
+    # then the old text's tail
+    img = _sparse(tmp_path)
+    raw = bytearray(read_file(img))
+    start = raw.index(b"# Disk DescriptorFile")
+    old = bytes(raw[start : raw.index(b"\0", start)])
+    new = re.sub(rb"(?m)^CID=[0-9a-fA-F]+", b"CID=1", old)
+    assert len(new) < len(old)
+    raw[start : start + len(new) + 1] = new + b"\0"
+    assert raw[start + len(new) + 1 : start + len(old)].strip(b"\0")  # a stale tail is there
+    write_file(img, raw)
+    with vdisk.open(img, readonly=True, format="vmdk") as d:
+        d.read(0, d.size)
+    qemu_img("info", img)
 
 
 def test_embedded_descriptor_must_match_capacity(tmp_path):

@@ -255,14 +255,11 @@ def _hex_field(fields: dict[str, str], key: str) -> int | None:
 
 
 def _clean_text(raw: bytes, where: str) -> str:
-    """Descriptor bytes to text: ends at the first NUL (padding), which must be all NULs."""
+    """Descriptor bytes to text: the text ends at the first NUL. What follows may be stale
+    text, not only padding: qemu rewrites a shorter descriptor in place (a new CID with
+    fewer hex digits) without clearing the old tail, so it is ignored, never parsed."""
     nul = raw.find(b"\0")
     if nul >= 0:
-        if raw[nul:].strip(b"\0"):
-            raise CorruptImage(
-                f"{where}: descriptor has data after a NUL byte at offset {nul} "
-                "(a NUL may only pad its end)"
-            )
         raw = raw[:nul]
     try:
         return raw.decode("utf-8")
