@@ -7,7 +7,9 @@ import os
 
 import pytest
 
+import vdisk
 from tests.conftest import local_formats, vdisk_cli
+from vdisk.cache import codec
 
 
 def _one_line_error(p) -> str:
@@ -78,3 +80,57 @@ def test_convert_compare_verify(tmp_path):
     p = vdisk_cli("compare", src, str(tmp_path / "b.raw"), check=False)
     assert p.returncode == 1
     assert "123457" in p.stdout
+
+
+def _text_like(n: int) -> bytes:
+    """Compressible bytes that are not trivially so (lz4 and zstd differ on them)."""
+    words = [os.urandom(3).hex().encode() for _ in range(400)]
+    rng = __import__("random").Random(7)
+    out = bytearray()
+    while len(out) < n:
+        out += rng.choice(words) + b" "
+    return bytes(out[:n])
+
+
+def test_convert_compressed(tmp_path, qemu_img):
+    """-c: vdisk writes zstd clusters (smaller than lz4, flagged so older readers refuse),
+    vmdk writes streamOptimized; a format that cannot compress is refused before any file
+    is made; --verify accepts VMDK's size rounded up to 512 bytes."""
+    src = str(tmp_path / "a.img")
+    with open(src, "wb") as f:
+        f.write(_text_like(3 << 20) + b"tail")  # not a multiple of 512
+    plain, packed = str(tmp_path / "p.vdisk"), str(tmp_path / "z.vdisk")
+    vdisk_cli("convert", "--verify", src, plain)
+    vdisk_cli("convert", "-c", "--verify", src, packed)
+    info = json.loads(vdisk_cli("info", "--output", "json", packed).stdout)["format-specific"]
+    assert info["features"]["incompatible"] == 1
+    lz4 = json.loads(vdisk_cli("info", "--output", "json", plain).stdout)["format-specific"]
+    assert info["stored_bytes"] < lz4["stored_bytes"] * 0.9
+    assert vdisk_cli("check", packed).returncode == 0
+    assert vdisk_cli("compare", src, packed).returncode == 0
+    with vdisk.open(packed, readonly=True) as d:
+        e = d.driver._entry(1)
+        assert e is not None and e.codec == codec.ZSTD
+    with open(packed, "r+b") as f:
+        f.seek(e.host + 100)
+        f.write(b"\xff" * 16)
+    p = vdisk_cli("compare", src, packed, check=False)
+    assert "checksum" in _one_line_error(p)
+    vm = str(tmp_path / "s.vmdk")
+    vdisk_cli("convert", "-c", "--verify", src, vm)
+    assert "streamOptimized" in qemu_img("info", vm).stdout
+    assert qemu_img("compare", src, vm, check=False).returncode == 0
+    q = tmp_path / "q.qcow2"
+    p = vdisk_cli("convert", "-c", src, str(q), check=False)
+    assert "cannot store compressed data" in _one_line_error(p)
+    assert not q.exists()
+    p = vdisk_cli(
+        "convert",
+        "-c",
+        "-o",
+        "subformat=monolithicFlat",
+        src,
+        str(tmp_path / "s2.vmdk"),
+        check=False,
+    )
+    assert "streamOptimized" in _one_line_error(p)

@@ -14,7 +14,7 @@ from typing import Any
 
 import xxhash
 
-from vdisk import api
+from vdisk import api, formats
 from vdisk.api import Disk, Layer, Progress, _open_chain, _open_driver
 from vdisk.cache import codec
 from vdisk.errors import ChecksumMismatch, CorruptImage, InvalidArgument, UsageError, VdiskError
@@ -60,6 +60,25 @@ class ConvertResult:
     checksum: str | None = None
 
 
+def _compressed_options(fmt: str, options: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """What ``convert -c`` adds to the create and open options of ``fmt``; a usage error
+    for formats that cannot compress or a create option that contradicts it."""
+    cls = formats.get(fmt)
+    if cls.compressed_options is None:
+        can = sorted(d.name for d in formats.drivers() if d.compressed_options is not None)
+        raise UsageError(
+            f"convert -c: {cls.name} images cannot store compressed data "
+            f"(formats that can: {', '.join(can)})"
+        )
+    create_extra, open_extra = cls.compressed_options
+    for k, v in create_extra.items():
+        if k in options and str(options[k]) != v:
+            raise UsageError(
+                f"convert -c: {cls.name} compresses only with {k}={v}, not {options[k]}"
+            )
+    return dict(create_extra), dict(open_extra)
+
+
 def convert(
     src: str,
     dst: str,
@@ -73,17 +92,25 @@ def convert(
     verify: bool = False,
     progress: Progress | None = None,
     cache_mb: float | None = None,
+    compress: bool = False,
 ) -> ConvertResult:
     """Copy the guest content of ``src`` into a new image ``dst``.
 
     Holes and zero ranges of the source are skipped (block status), as are all-zero
     chunks of data. With ``backing``, ``dst`` is an overlay that stores only what differs
     from the backing image. With ``verify``, both images are read back and their guest
-    content compared by checksum."""
+    content compared by checksum. ``compress`` asks the output format for its compressed
+    form (the driver's ``compressed_options``)."""
     if os.path.exists(dst):
         raise UsageError(f"{dst}: already exists (refusing to overwrite)")
+    options = dict(options or {})
+    open_options: dict[str, Any] = {}
+    if compress:
+        create_extra, open_options = _compressed_options(out_format, options)
+        options.update(create_extra)
     res = ConvertResult()
     with api.open(src, format=src_format, readonly=True, cache_mb=0) as s:
+        src_size = s.size
         api.create(
             dst,
             s.size,
@@ -94,7 +121,13 @@ def convert(
             options=options,
         )
         try:
-            with api.open(dst, format=out_format, cache_mb=cache_mb, commit_interval=None) as d:
+            with api.open(
+                dst,
+                format=out_format,
+                cache_mb=cache_mb,
+                commit_interval=None,
+                options=open_options or None,
+            ) as d:
                 align = d.cluster_size
                 done = 0
                 for e in _extents(s):
@@ -128,7 +161,7 @@ def convert(
             raise
     if verify:
         a = checksum(src, fmt=src_format)
-        b = checksum(dst, fmt=out_format)
+        b = checksum(dst, fmt=out_format, limit=src_size)
         res.verified = a == b
         res.checksum = a
         if a != b:
@@ -138,14 +171,28 @@ def convert(
     return res
 
 
-def checksum(path: str, *, fmt: str | None = None, progress: Progress | None = None) -> str:
-    """xxh3-128 of the whole guest content (holes hashed as zeros, without reading them)."""
+def checksum(
+    path: str,
+    *,
+    fmt: str | None = None,
+    progress: Progress | None = None,
+    limit: int | None = None,
+) -> str:
+    """xxh3-128 of the guest content (holes hashed as zeros, without reading them): the
+    first ``limit`` bytes, where the rest must read as zeros (a format that rounds the
+    size up, as VMDK to 512 bytes, pads with zeros), else all of it."""
     h = xxhash.xxh3_128()
     zero = bytes(CHUNK)
     with api.open(path, format=fmt, readonly=True, cache_mb=0) as d:
+        end = d.size if limit is None else min(limit, d.size)
         for e in _extents(d):
             for off, n in _chunks(e.offset, e.length, 0):
-                h.update(d.read(off, n) if e.kind == Kind.DATA else zero[:n])
+                data = d.read(off, n) if e.kind == Kind.DATA else zero[:n]
+                if off + n > end:
+                    if not _is_zero(data[max(0, end - off) :]):
+                        return "nonzero-tail"
+                    data = data[: max(0, end - off)]
+                h.update(data)
                 if progress:
                     progress(off + n, d.size)
     return h.hexdigest()

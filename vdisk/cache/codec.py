@@ -1,4 +1,4 @@
-"""Self-describing stored clusters: lz4 compression when it pays, xxh3-64 checksums.
+"""Self-describing stored clusters: lz4 (or zstd) compression when it pays, xxh3-64 checksums.
 
 A stored cluster is described by ``(codec id, stored bytes, checksum)``. The codec id is
 recorded beside the bytes (in the native format: in the parent mapping entry), so codecs
@@ -11,14 +11,26 @@ not a MAC and does not authenticate an image against a deliberate forger.
 
 from __future__ import annotations
 
+import threading
+
 import lz4.block  # type: ignore[import-untyped]
 import xxhash
+import zstandard
 
-from vdisk.errors import ChecksumMismatch, CorruptImage, UnsupportedFeature
+from vdisk.errors import ChecksumMismatch, CorruptImage, UnsupportedFeature, UsageError
 
 RAW = 0
 LZ4 = 1
-CODEC_NAMES = {RAW: "raw", LZ4: "lz4"}
+ZSTD = 2
+CODEC_NAMES = {RAW: "raw", LZ4: "lz4", ZSTD: "zstd"}
+
+#: What writers may be asked to use (an image's ``compress`` option): lz4 is the default
+#: for live writes (~700 MB/s a core, decoded at ~3.4 GB/s); zstd level 3 is for archives
+#: (``convert -c``): ~2.3x smaller than raw where lz4 gets ~1.7x, at ~380 MB/s a core.
+COMPRESSORS = ("off", "lz4", "zstd")
+ZSTD_LEVEL = 3
+
+_tls = threading.local()  # zstd contexts are not thread-safe: one per thread
 
 #: A compressed cluster is kept only if it is smaller than this fraction of the original:
 #: below it the saved space is not worth a decompression on every read.
@@ -55,20 +67,56 @@ def is_zero(data: bytes | bytearray | memoryview) -> bool:
     return data == zeros(n)
 
 
+def _zstd_compress(data: bytes | bytearray | memoryview) -> bytes:
+    c = getattr(_tls, "zc", None)
+    if c is None:
+        c = _tls.zc = zstandard.ZstdCompressor(
+            level=ZSTD_LEVEL, write_content_size=False, write_checksum=False
+        )
+    return c.compress(data)
+
+
+def _zstd_decompress(stored: bytes, size: int) -> bytes:
+    d = getattr(_tls, "zd", None)
+    if d is None:
+        d = _tls.zd = zstandard.ZstdDecompressor()
+    return d.decompress(stored, max_output_size=size)
+
+
 def encode(
-    data: bytes | bytearray | memoryview, *, compress: bool = True
+    data: bytes | bytearray | memoryview, *, compress: bool | str = True
 ) -> tuple[int, bytes, int]:
     """(codec id, stored bytes, checksum of the stored bytes) for one cluster or table.
 
-    lz4 is used only when it brings the size under 7/8 of the original. ``data`` is not
-    copied unless it has to be stored raw and is not already ``bytes``."""
+    ``compress`` is True/"lz4", "zstd", or False/"off". The compressed form is used only
+    when it brings the size under 7/8 of the original. ``data`` is not copied unless it
+    has to be stored raw and is not already ``bytes``."""
     n = len(data)
-    if compress and n >= 64:
-        packed = lz4.block.compress(data, store_size=False)
+    if compress and compress != "off" and n >= 64:
+        if compress == "zstd":
+            cdc, packed = ZSTD, _zstd_compress(data)
+        else:
+            cdc, packed = LZ4, lz4.block.compress(data, store_size=False)
         if len(packed) * KEEP_DEN < n * KEEP_NUM:
-            return LZ4, packed, checksum(packed)
+            return cdc, packed, checksum(packed)
     raw = data if isinstance(data, bytes) else bytes(data)
     return RAW, raw, checksum(raw)
+
+
+_SPELLINGS = {"on": "lz4", "true": "lz4", "yes": "lz4", "1": "lz4"}
+_SPELLINGS.update({"false": "off", "no": "off", "0": "off"})
+
+
+def compressor_option(fmt: str, value: object) -> str:
+    """An image's ``compress`` option as one of :data:`COMPRESSORS`; booleans and their
+    text spellings (on/off, true/false, ...) mean lz4 and off."""
+    if isinstance(value, bool):
+        return "lz4" if value else "off"
+    v = str(value).strip().lower()
+    v = _SPELLINGS.get(v, v)
+    if v not in COMPRESSORS:
+        raise UsageError(f"{fmt}: option compress={value!r}: expected on, off, lz4 or zstd")
+    return v
 
 
 def verify(stored: bytes, expected: int, where: str) -> None:
@@ -89,14 +137,19 @@ def decode(codec: int, stored: bytes, expected: int, size: int, where: str) -> b
         if len(stored) != size:
             raise CorruptImage(f"{where}: raw cluster is {len(stored)} bytes, expected {size}")
         return stored
-    if codec == LZ4:
+    if codec in (LZ4, ZSTD):
         try:
-            out = lz4.block.decompress(stored, uncompressed_size=size)
-        except lz4.block.LZ4BlockError as e:
-            raise CorruptImage(f"{where}: lz4 data does not decompress: {e}") from None
+            if codec == LZ4:
+                out = lz4.block.decompress(stored, uncompressed_size=size)
+            else:
+                out = _zstd_decompress(stored, size)
+        except (lz4.block.LZ4BlockError, zstandard.ZstdError) as e:
+            name = CODEC_NAMES[codec]
+            raise CorruptImage(f"{where}: {name} data does not decompress: {e}") from None
         if len(out) != size:
             raise CorruptImage(
-                f"{where}: lz4 data decompressed to {len(out)} bytes, expected {size}"
+                f"{where}: {CODEC_NAMES[codec]} data decompressed to {len(out)} bytes, "
+                f"expected {size}"
             )
         return out
     raise UnsupportedFeature(f"{where}: unknown codec id {codec} (known: {sorted(CODEC_NAMES)})")

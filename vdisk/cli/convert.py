@@ -41,7 +41,8 @@ def _guess_out_format(dst: str) -> str:
     "-c",
     "--compress",
     is_flag=True,
-    help="Compress harder where the format allows (vdisk: lz4 HC).",
+    help="Write the compressed form: vdisk zstd clusters (lz4 is the default), "
+    "vmdk streamOptimized.",
 )
 @click.option(
     "-o", "--option", "opts", multiple=True, help="Options of the output format, key=value[,...]."
@@ -76,8 +77,6 @@ def convert(
     """Copy SRC into a new image DST, in any format vdisk writes."""
     fmt = formats.get(out_format).name if out_format else _guess_out_format(dst)
     options = parse_options(opts)
-    if compress:
-        options["compress"] = True
     with progress_bar("convert", progress) as bar:
         res = ops.convert(
             src,
@@ -91,6 +90,7 @@ def convert(
             verify=verify,
             progress=bar,
             cache_mb=cache_mb,
+            compress=compress,
         )
     if verify:
         click.echo(f"verified: guest content identical (xxh3-128 {res.checksum})")

@@ -161,6 +161,9 @@ class Driver(ABC):
     #: whether the cluster cache helps by default (False for plain bytes that the host's
     #: page cache already caches: raw)
     wants_cache: ClassVar[bool] = True
+    #: what ``convert -c`` asks of the format, as (create options, open options); None
+    #: when it cannot store compressed data
+    compressed_options: ClassVar[tuple[dict[str, str], dict[str, str]] | None] = None
 
     storage: Storage
     size: int

@@ -45,7 +45,6 @@ from vdisk.formats.base import (
     merge_extents,
     reject_unknown_options,
 )
-from vdisk.formats.common import bool_option
 from vdisk.formats.native_layout import (
     BACKING_FOREIGN,
     BACKING_NATIVE,
@@ -57,6 +56,7 @@ from vdisk.formats.native_layout import (
     FLAG_ZERO,
     HEADER_OFFSETS,
     HEADER_SLOT,
+    INCOMPAT_ZSTD,
     KNOWN_AUTOCLEAR,
     MAGIC,
     MAX_BLOB,
@@ -106,6 +106,7 @@ class NativeDriver(Driver):
     extensions = (".vdisk",)
     can_create = True
     has_snapshots = True
+    compressed_options = ({}, {"compress": "zstd"})  # archives: ~1.35x smaller than lz4
 
     # -- discovery and creation ------------------------------------------------------
 
@@ -193,7 +194,7 @@ class NativeDriver(Driver):
             self.workers = int(options.get("workers", min(2, os.cpu_count() or 1)))
         except (TypeError, ValueError):
             raise UsageError(f"{storage.path}: bad vdisk option value in {options!r}") from None
-        self.compress = bool_option("vdisk", "compress", options.get("compress", True))
+        self.compress = codec.compressor_option("vdisk", options.get("compress", "lz4"))
         self._executor: ThreadPoolExecutor | None = None
         self._broken: BaseException | None = None
         self.changed = False
@@ -910,6 +911,8 @@ class NativeDriver(Driver):
         hdr.size = self.size
         hdr.host_slots = self.host_slots
         hdr.committed = time.time()
+        if self.compress == "zstd":
+            hdr.incompat |= INCOMPAT_ZSTD
         hdr.autoclear &= KNOWN_AUTOCLEAR
         self.storage.pwrite(HEADER_OFFSETS[gen % 2], hdr.pack())
         self.storage.sync()

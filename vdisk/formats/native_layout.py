@@ -31,9 +31,10 @@ MAX_BLOB = 64 << 20  # snapshot table / deferred-free list: refuse bigger (memor
 MAX_SNAPSHOTS = 65535
 MAX_REFCOUNT = 0xFFFF
 
-# Feature bits. No feature is defined yet: every incompatible bit is unknown and refused,
-# unknown compatible bits are ignored, unknown autoclear bits are cleared on the next commit.
-KNOWN_INCOMPAT = 0
+# Feature bits: unknown incompatible bits are refused, unknown compatible bits are ignored,
+# unknown autoclear bits are cleared on the next commit.
+INCOMPAT_ZSTD = 1 << 0  # some entries may use codec 2 (zstd): readers must know it
+KNOWN_INCOMPAT = INCOMPAT_ZSTD
 KNOWN_COMPAT = 0
 KNOWN_AUTOCLEAR = 0
 

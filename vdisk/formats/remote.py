@@ -358,6 +358,7 @@ class RemoteDriver(Driver):
     can_create = True
     has_snapshots = True
     remote = True
+    compressed_options = ({}, {"compress": "zstd"})
 
     storage: S3Storage
 
@@ -382,7 +383,7 @@ class RemoteDriver(Driver):
         self.pack_size = _opt_size(options, "pack_size", DEFAULT_PACK_SIZE, 64 << 10, 64 << 20)
         self.readahead = _opt_size(options, "readahead", DEFAULT_READAHEAD, 0, 64 << 20)
         self.dedup = bool_option("vdisk-s3", "dedup", options.get("dedup", True))
-        self.compress = bool_option("vdisk-s3", "compress", options.get("compress", True))
+        self.compress = codec.compressor_option("vdisk-s3", options.get("compress", "lz4"))
         workers = _opt_size(options, "workers", 8, 1, 64)
         cache_bytes = options.get("cache_bytes")
         self.cache = cache or LocalCache(

@@ -938,6 +938,7 @@ class VmdkDriver(Driver):
     name = "vmdk"
     extensions = (".vmdk",)
     can_create = True
+    compressed_options = ({"subformat": "streamOptimized"}, {})  # deflate-compressed grains
 
     def __init__(self, storage: Storage, readonly: bool) -> None:
         self.storage = storage
