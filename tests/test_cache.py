@@ -117,3 +117,110 @@ def test_concurrent_readers_and_writers_same_clusters(tmp_path):
         for t in rs:
             t.join()
     assert not errors, errors[:3]
+
+
+# -- patches: partial writes into clusters that are not cached ----------------------------
+
+
+def _native(tmp_path, size=8 << 20, name="a.vdisk") -> str:
+    p = str(tmp_path / name)
+    vdisk.create(p, size, format="vdisk")
+    with vdisk.open(p) as d:
+        d.write(0, pattern(0, size))
+    return p
+
+
+def test_partial_write_miss_reads_nothing_until_write_back(tmp_path):
+    """A 4 KiB write into an uncached cluster keeps only its bytes; the read-modify-write
+    happens once, at write-back, however many pieces went into the cluster."""
+    p = _native(tmp_path)
+    model = bytearray(pattern(0, 8 << 20))
+    with vdisk.open(p, cache_mb=8, commit_interval=None) as d:
+        for off, n, seed in [(70000, 4096, 1), (72000, 100, 2), (65536 + 60000, 8000, 3)]:
+            data = pattern(off, n, seed=seed)
+            d.write(off, data)
+            model[off : off + n] = data
+        st = d.stats()["cache"]
+        assert st["bytes_loaded"] == 0 and st["patched_writes"] == 4  # one write spans two
+        assert st["patched_clusters"] == 2 and st["dirty_clusters"] == 2
+        d.flush()
+        assert d.stats()["format"]["clusters_patched"] == 2
+        assert d.read(0, 8 << 20) == model
+    with vdisk.open(p, readonly=True) as d:
+        assert d.read(0, 8 << 20) == model
+        assert d.check().exit_code == 0
+
+
+def test_reading_a_patched_cluster_merges_old_and_new(tmp_path):
+    p = _native(tmp_path)
+    with vdisk.open(p, cache_mb=8, commit_interval=None) as d:
+        d.write(131072 + 10, b"new")
+        d.write(131072 + 11, b"EW!")  # overlaps: the later piece wins
+        got = d.read(131072, 65536)
+        want = bytearray(pattern(131072, 65536))
+        want[10:14] = b"nEW!"
+        assert got == want
+        assert d.stats()["cache"]["patched_clusters"] == 0  # it became a whole cluster
+
+
+def test_many_small_patches_stay_within_the_cache(tmp_path):
+    """1-byte writes cost more than a byte (each piece is counted with its overhead), and
+    a cluster with many pieces becomes a whole cluster: the capacity holds either way."""
+    p = _native(tmp_path)
+    cap = 4 * 65536
+    model = bytearray(pattern(0, 8 << 20))
+    rng = random.Random(3)
+    with vdisk.open(p, cache_mb=cap / (1 << 20), commit_interval=None) as d:
+        for i in range(3000):
+            off = rng.randrange(0, 8 << 20) if i % 3 else rng.randrange(0, 65536)
+            b = bytes([i & 0xFF])
+            d.write(off, b)
+            model[off] = b[0]
+            assert d.stats()["cache"]["cached_bytes"] <= cap
+        assert d.read(0, 8 << 20) == model
+    with vdisk.open(p, readonly=True) as d:
+        assert d.read(0, 8 << 20) == model
+
+
+def test_patches_over_a_backing_image_copy_up(tmp_path):
+    """Holes of an overlay take the rest of the cluster from the base, for the native
+    driver (which patches on its threads) and for a driver without patch_many (qcow2)."""
+    _native(tmp_path, name="base.vdisk")
+    for fmt in ("vdisk", "qcow2"):
+        top = str(tmp_path / f"top.{fmt}")
+        vdisk.create(top, None, format=fmt, backing="base.vdisk")
+        model = bytearray(pattern(0, 8 << 20))
+        with vdisk.open(top, cache_mb=1, commit_interval=None) as d:
+            for k in range(40):
+                off = k * 200000 + 123
+                d.write(off, b"%d" % k * 50)
+                model[off : off + len(b"%d" % k * 50)] = b"%d" % k * 50
+        with vdisk.open(top, readonly=True) as d:
+            assert d.read(0, 8 << 20) == model, fmt
+
+
+def test_a_failed_write_back_keeps_the_data_dirty(tmp_path):
+    """A patch over a damaged cluster cannot be written back: flush fails, and keeps
+    failing, rather than a later flush reporting the data as durable."""
+    p = _native(tmp_path)
+    with vdisk.open(p, readonly=True) as d:
+        e = d.driver._entry(3)
+    with open(p, "r+b") as f:
+        f.seek(e.host + 50)
+        f.write(b"\xff" * 8)
+    with vdisk.open(p, cache_mb=8, commit_interval=None) as d:
+        d.write(3 * 65536 + 100, b"x" * 10)
+        d.write(5 * 65536 + 100, b"y" * 10)
+        for _ in range(2):
+            try:
+                d.flush()
+            except vdisk.ChecksumMismatch as err:
+                assert "guest offset 196608" in str(err)
+            else:
+                raise AssertionError("flush succeeded over a damaged cluster")
+        assert d.stats()["cache"]["dirty_clusters"] >= 1
+        d.write(3 * 65536, bytes(65536))  # a whole-cluster write replaces the damage
+        d.flush()
+    with vdisk.open(p, readonly=True) as d:
+        assert d.read(5 * 65536 + 100, 10) == b"y" * 10
+        assert d.read(3 * 65536, 65536) == bytes(65536)

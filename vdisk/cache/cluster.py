@@ -5,6 +5,12 @@ format driver this cache keeps whole decompressed clusters, so a 4 KiB read of a
 cluster costs a slice and a 4 KiB write costs a copy; a dirty cluster is compressed and
 checksummed once, when it is written back (on flush, on eviction, at the periodic commit).
 
+A partial write into a cluster that is not cached does not read the cluster: the cache
+keeps the written pieces (a *patch*) and the read-modify-write happens at write-back,
+where a driver that compresses does it on its worker threads (``Driver.patch_many``), and
+where several writes into one cluster cost one decode and one encode. A patch takes the
+bytes written, not a whole cluster, so many more pending writes fit in the same memory.
+
 It also does what every format needs once: copy-up. A partial write into a cluster is
 turned into a whole-cluster write whose other bytes come from the layer below (this image
 and its backing chain), so a driver of an image with a backing file only sees whole
@@ -33,6 +39,38 @@ class Below(Protocol):
 #: Read-ahead starts at this many bytes once reads look sequential and doubles up to the max.
 READAHEAD_MIN = 256 * 1024
 READAHEAD_MAX = 4 * 1024 * 1024
+#: What a patch piece costs beyond its bytes (the tuple, the bytes object, the list slot),
+#: counted against the capacity so that many tiny writes cannot exceed it.
+PIECE_OVERHEAD = 96
+#: A patch that collects more pieces than this becomes a whole cluster (one read).
+MAX_PIECES = 32
+
+
+class Patch:
+    """Pieces written into a cluster whose old content was not read: (offset, bytes) in
+    write order, a later piece overriding an earlier one where they overlap."""
+
+    __slots__ = ("nbytes", "pieces")
+
+    def __init__(self) -> None:
+        self.pieces: list[tuple[int, bytes]] = []
+        self.nbytes = 0
+
+    def add(self, within: int, data: bytes) -> None:
+        self.pieces.append((within, data))
+        self.nbytes += len(data) + PIECE_OVERHEAD
+
+    def __len__(self) -> int:  # what it counts against the cache's capacity
+        return self.nbytes
+
+    def apply(self, base: bytes | bytearray) -> bytearray:
+        out = bytearray(base)
+        for within, data in self.pieces:
+            out[within : within + len(data)] = data
+        return out
+
+
+Entry = bytes | bytearray | Patch
 
 
 class ClusterCache:
@@ -61,7 +99,7 @@ class ClusterCache:
         self.cs = cluster_size
         self.capacity = capacity
         self.copy_up = copy_up
-        self.entries: OrderedDict[int, bytes | bytearray] = OrderedDict()
+        self.entries: OrderedDict[int, Entry] = OrderedDict()
         self.dirty: set[int] = set()
         self.used = 0
         self._next_seq = -1  # guest offset where a sequential reader would read next
@@ -74,6 +112,7 @@ class ClusterCache:
             "readahead_clusters": 0,
             "bytes_loaded": 0,
             "bytes_written_back": 0,
+            "patched_writes": 0,
         }
 
     # -- helpers -------------------------------------------------------------------
@@ -82,7 +121,7 @@ class ClusterCache:
         """Length of cluster ``idx`` (the last one may be short)."""
         return min(self.cs, self.size - idx * self.cs)
 
-    def _insert(self, idx: int, data: bytes | bytearray, dirty: bool) -> None:
+    def _insert(self, idx: int, data: Entry, dirty: bool) -> None:
         old = self.entries.pop(idx, None)
         if old is not None:
             self.used -= len(old)
@@ -96,22 +135,64 @@ class ClusterCache:
         if self.used <= self.capacity:
             return
         target = self.capacity - self.capacity // 8
-        victims: list[tuple[int, bytes]] = []
+        victims: list[tuple[int, Entry]] = []
         while self.used > target and self.entries:
             idx, data = self.entries.popitem(last=False)
             self.used -= len(data)
             self.counters["evictions"] += 1
             if idx in self.dirty:
                 self.dirty.discard(idx)
-                victims.append((idx * self.cs, data if isinstance(data, bytes) else bytes(data)))
+                victims.append((idx, data))
         if victims:
             self._write_back(victims)
 
-    def _write_back(self, writes: list[tuple[int, bytes]]) -> None:
-        writes.sort()
-        self.driver.write_many(writes)
-        self.counters["writebacks"] += len(writes)
-        self.counters["bytes_written_back"] += sum(len(d) for _, d in writes)
+    def _write_back(self, items: list[tuple[int, Entry]]) -> None:
+        """Hand dirty clusters to the driver: whole ones as they are, patches to the
+        driver's read-modify-write; what it leaves (holes over a backing image, or every
+        patch for a driver without one) is completed here from the layer below.
+
+        If the driver fails (a damaged old cluster under a patch, a full disk), every item
+        is dirty again, so that no later flush can report as durable what never was."""
+        try:
+            self._hand_down(items)
+        except BaseException:
+            if self.capacity:
+                for idx, data in items:
+                    if idx not in self.entries:
+                        self.entries[idx] = data
+                        self.used += len(data)
+                    self.dirty.add(idx)
+            raise
+
+    def _hand_down(self, items: list[tuple[int, Entry]]) -> None:
+        items.sort(key=lambda it: it[0])
+        whole: list[tuple[int, bytes]] = []
+        patches: dict[int, Patch] = {}
+        for idx, data in items:
+            if isinstance(data, Patch):
+                patches[idx] = data
+            else:
+                whole.append((idx * self.cs, data if isinstance(data, bytes) else bytes(data)))
+        if patches:
+            left = self.driver.patch_many(
+                [(idx, p.pieces) for idx, p in patches.items()], holes_read_zero=not self.copy_up
+            )
+            for idx in left:
+                whole.append((idx * self.cs, bytes(patches[idx].apply(self._fetch(idx, 1)[0]))))
+            whole.sort()
+        if whole:
+            self.driver.write_many(whole)
+        self.counters["writebacks"] += len(items)
+        self.counters["bytes_written_back"] += sum(
+            len(d) if not isinstance(d, Patch) else self._clen(i) for i, d in items
+        )
+
+    def _materialize(self, idx: int, patch: Patch) -> bytearray:
+        """A patch becomes the whole (dirty) cluster: its old content read once, the
+        pieces applied on top."""
+        cl = patch.apply(self._fetch(idx, 1)[0])
+        self._insert(idx, cl, True)
+        return cl
 
     def _fetch(self, first: int, count: int) -> list[bytes]:
         """Load clusters [first, first+count) from below in one call."""
@@ -137,9 +218,13 @@ class ClusterCache:
         idx = first
         while idx <= last:
             cl = self.entries.get(idx)
+            if isinstance(cl, Patch):
+                self.counters["misses"] += 1
+                cl = self._materialize(idx, cl)
+            elif cl is not None:
+                self.counters["hits"] += 1
             if cl is not None:
                 self.entries.move_to_end(idx)
-                self.counters["hits"] += 1
                 lo = offset - idx * cs if idx == first else 0
                 hi = offset + length - idx * cs if idx == last else len(cl)
                 pieces.append(memoryview(cl)[lo:hi] if lo or hi != len(cl) else cl)
@@ -195,17 +280,27 @@ class ClusterCache:
                 self._insert(idx, bytes(piece), True)
                 continue
             cl = self.entries.get(idx)
-            if cl is None:
-                self.counters["misses"] += 1
-                cl = bytearray(self._fetch(idx, 1)[0])
-                self._insert(idx, cl, True)
-            else:
-                self.counters["hits"] += 1
-                if not isinstance(cl, bytearray):
-                    cl = bytearray(cl)
-                    self.entries[idx] = cl
-                self.entries.move_to_end(idx)
-                self.dirty.add(idx)
+            if cl is None or isinstance(cl, Patch):
+                # not read: the pieces wait for the write-back's read-modify-write
+                self.counters["patched_writes"] += 1
+                if cl is None:
+                    p = Patch()
+                    p.add(within, bytes(piece))
+                    self._insert(idx, p, True)
+                else:
+                    p = cl
+                    p.add(within, bytes(piece))
+                    self.used += len(piece) + PIECE_OVERHEAD
+                    self.entries.move_to_end(idx)
+                if len(p.pieces) > MAX_PIECES or p.nbytes > self.cs // 2:
+                    self._materialize(idx, p)
+                continue
+            self.counters["hits"] += 1
+            if not isinstance(cl, bytearray):
+                cl = bytearray(cl)
+                self.entries[idx] = cl
+            self.entries.move_to_end(idx)
+            self.dirty.add(idx)
             cl[within : within + len(piece)] = piece
         self._evict()
 
@@ -215,14 +310,14 @@ class ClusterCache:
             self.driver.write(offset, bytes(mv))
             self.counters["bytes_written_back"] += len(mv)
             return
-        writes: list[tuple[int, bytes]] = []
+        writes: list[tuple[int, Entry]] = []
         for idx, within, piece, whole in self._pieces(offset, mv):
             if whole:
-                writes.append((idx * self.cs, bytes(piece)))
+                writes.append((idx, bytes(piece)))
             else:
-                cl = bytearray(self._fetch(idx, 1)[0])
-                cl[within : within + len(piece)] = piece
-                writes.append((idx * self.cs, bytes(cl)))
+                p = Patch()
+                p.add(within, bytes(piece))
+                writes.append((idx, p))
         self._write_back(writes)
 
     def _split(self, offset: int, length: int) -> tuple[int, int]:
@@ -272,13 +367,16 @@ class ClusterCache:
         batch = max(1, (self.capacity // 8) // self.cs)
         for k in range(0, len(idxs), batch):
             part = idxs[k : k + batch]
-            writes = []
+            writes: list[tuple[int, Entry]] = []
             for i in part:
                 cl = self.entries[i]
-                if isinstance(cl, bytearray):  # freeze it: what was written back is clean
+                if isinstance(cl, Patch):  # written back, it is no longer cached
+                    del self.entries[i]
+                    self.used -= len(cl)
+                elif isinstance(cl, bytearray):  # freeze it: what was written back is clean
                     cl = bytes(cl)
                     self.entries[i] = cl
-                writes.append((i * self.cs, cl))
+                writes.append((i, cl))
             self.dirty.difference_update(part)
             self._write_back(writes)
 
@@ -300,6 +398,7 @@ class ClusterCache:
             cached_bytes=self.used,
             cached_clusters=len(self.entries),
             dirty_clusters=len(self.dirty),
+            patched_clusters=sum(isinstance(e, Patch) for e in self.entries.values()),
             cluster_size=self.cs,
         )
         lookups = c["hits"] + c["misses"]

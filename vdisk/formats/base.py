@@ -225,6 +225,16 @@ class Driver(ABC):
         for offset, data in writes:
             self.write(offset, data)
 
+    def patch_many(
+        self, items: list[tuple[int, list[tuple[int, bytes]]]], *, holes_read_zero: bool
+    ) -> list[int]:
+        """Apply pieces ``(offset in cluster, bytes)`` to whole clusters ``(cluster index,
+        pieces)``, doing the read-modify-write inside the driver: a driver that compresses
+        can then decode, patch and encode on its worker threads. Returns the clusters it
+        left to the caller: by default all of them; always those that are holes here
+        unless ``holes_read_zero`` (else the backing image's bytes are needed)."""
+        return [c for c, _pieces in items]
+
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """Make the range read as zeros in this layer (not falling through)."""
         chunk = 1 << 20
