@@ -700,11 +700,14 @@ def open(
     commit_interval: float | None = DEFAULT_COMMIT_INTERVAL,
     options: dict[str, Any] | None = None,
     snapshot: bool = False,
+    durable: bool = True,
 ) -> Disk:
     """Open an image and its backing chain. ``format`` overrides probing; a writable open
     takes an exclusive lock (ImageLocked if another process has the image open), a
     read-only one a shared lock unless ``force_share``. ``snapshot`` gives a writable
-    view whose writes go to a throw-away overlay: the image itself never changes."""
+    view whose writes go to a throw-away overlay: the image itself never changes.
+    ``durable=False`` (qemu's cache=unsafe) writes as usual but never syncs the image's
+    local files: a host crash may lose or tear it (for images that can be made again)."""
     if force_share and not readonly:
         raise UsageError("force_share needs a read-only open")
     if snapshot and readonly:
@@ -714,7 +717,12 @@ def open(
     if cache_mb is not None and cache_mb < 0:
         raise UsageError(f"cache size must not be negative (got {cache_mb})")
     driver = _open_driver(
-        path, format=format, readonly=readonly or snapshot, force_share=force_share, options=options
+        path,
+        format=format,
+        readonly=readonly or snapshot,
+        force_share=force_share,
+        options=options,
+        storage=None if durable or readonly else open_storage(path, readonly=False, durable=False),
     )
     try:
         layer = _open_chain(driver, force_share=force_share)
@@ -751,9 +759,11 @@ def create(
     backing: str | None = None,
     backing_format: str | None = None,
     options: dict[str, Any] | None = None,
+    durable: bool = True,
 ) -> None:
     """Create an image. With ``backing``, the new image is an overlay of it; the backing
-    format is recorded (probed once now if not given) and the size defaults to its size."""
+    format is recorded (probed once now if not given) and the size defaults to its size.
+    ``durable=False``: no sync of the new file (as in :func:`open`)."""
     if _is_url(path) and format == "vdisk":
         format = open_storage(path, readonly=True).native_format  # type: ignore[attr-defined]
     cls = formats.get(format)
@@ -784,17 +794,19 @@ def create(
             if size is None or size == "":
                 size = base.size
             size = parse_size(size)
-            _create_file(cls, path, size, opts)
+            _create_file(cls, path, size, opts, durable)
         finally:
             base.close()
         return
     if size is None:
         raise UsageError("a size is needed (or a backing image to take it from)")
-    _create_file(cls, path, parse_size(size), opts)
+    _create_file(cls, path, parse_size(size), opts, durable)
 
 
-def _create_file(cls: type[Driver], path: str, size: int, opts: dict[str, Any]) -> None:
-    st = open_storage(path, readonly=False, create=True)
+def _create_file(
+    cls: type[Driver], path: str, size: int, opts: dict[str, Any], durable: bool = True
+) -> None:
+    st = open_storage(path, readonly=False, create=True, durable=durable)
     ok = False
     try:
         cls.create(st, size, opts)

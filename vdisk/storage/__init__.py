@@ -89,11 +89,18 @@ class Storage(ABC):
 
 
 class FileStorage(Storage):
-    """A local file, accessed with pread/pwrite and made durable with fdatasync."""
+    """A local file, accessed with pread/pwrite and made durable with fdatasync.
 
-    def __init__(self, path: str, *, readonly: bool, create: bool = False) -> None:
+    ``durable=False`` makes ``sync`` a no-op (qemu's cache=unsafe): everything is still
+    written, in the same order, but a host crash may lose or tear it. Only for images
+    that can be made again, such as the output of ``convert -t unsafe``."""
+
+    def __init__(
+        self, path: str, *, readonly: bool, create: bool = False, durable: bool = True
+    ) -> None:
         self.path = path
         self.readonly = readonly
+        self.durable = durable
         flags = os.O_RDONLY if readonly else os.O_RDWR
         if create:
             flags |= os.O_CREAT | os.O_EXCL
@@ -202,7 +209,7 @@ class FileStorage(Storage):
         self._end = self._reserved = size
 
     def sync(self) -> None:
-        if self.readonly:
+        if self.readonly or not self.durable:
             return
         try:
             os.fdatasync(self.fd)
@@ -232,7 +239,9 @@ class FileStorage(Storage):
         return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(self.path)), name))
 
     def sibling(self, name: str, *, readonly: bool, create: bool = False) -> Storage:
-        return FileStorage(self.resolve(name), readonly=readonly, create=create)
+        return FileStorage(
+            self.resolve(name), readonly=readonly, create=create, durable=self.durable
+        )
 
     def lock(self, *, exclusive: bool) -> None:
         """An OFD lock on one byte far past the data: writers exclusive, readers shared.
@@ -295,8 +304,12 @@ class MemoryStorage(Storage):
         pass
 
 
-def open_storage(path: str, *, readonly: bool, create: bool = False) -> Storage:
-    """The storage a path names: a local file today; URLs (s3://...) name other backends."""
+def open_storage(
+    path: str, *, readonly: bool, create: bool = False, durable: bool = True
+) -> Storage:
+    """The storage a path names: a local file today; URLs (s3://...) name other backends.
+    ``durable=False`` skips fdatasync on local files; an object store ignores it (its
+    sync is what uploads the data)."""
     if path.startswith("s3://"):
         from vdisk.storage.s3 import S3Storage
 
@@ -304,4 +317,4 @@ def open_storage(path: str, *, readonly: bool, create: bool = False) -> Storage:
     if "://" in path:
         scheme = path.split("://", 1)[0]
         raise VdiskError(f"{path}: unsupported storage scheme {scheme!r}")
-    return FileStorage(path, readonly=readonly, create=create)
+    return FileStorage(path, readonly=readonly, create=create, durable=durable)
