@@ -138,3 +138,24 @@ def test_open_clone_holds_its_base_read_only(tmp_path, fmt):
             assert base.size == SIZE
     with vdisk.open(paths[0]):  # and once the clone is closed the base is free again
         pass
+
+
+def test_shrink_then_grow_hides_the_backing_image(tmp_path, fmt):
+    """What a shrink cut off must read as zeros when the overlay grows again, not as the
+    backing image's bytes (partial last cluster and whole clusters alike)."""
+    base, top = str(tmp_path / f"b.{fmt}"), str(tmp_path / f"t.{fmt}")
+    vdisk.create(base, SIZE, format=fmt)
+    with vdisk.open(base) as d:
+        d.write(0, pattern(0, SIZE))
+    vdisk.create(top, None, format=fmt, backing=base)
+    cut = SIZE // 4 + 512
+    with vdisk.open(top) as d:
+        d.write(4096, b"top" * 100)
+        try:
+            d.resize(cut)
+        except (UnsupportedFeature, UsageError):
+            pytest.skip(f"{fmt} overlays cannot shrink")
+        d.resize(SIZE)
+    want = bytearray(pattern(0, SIZE))
+    want[4096 : 4096 + 300] = b"top" * 100
+    assert _read_all(top) == want[:cut] + bytes(SIZE - cut)

@@ -538,8 +538,15 @@ class Disk:
             if new_size < 0:
                 raise InvalidArgument(f"{self.path}: negative size {new_size}")
             self._cache.write_back()
+            old = self._driver.size
             self._driver.truncate(new_size)
             self._cache.resize(self._driver.size)
+            backing = self._layer.backing
+            if backing is not None and self._driver.size > old and backing.size > old:
+                # the grown range must read as zeros, not as the backing image's bytes
+                # (which an earlier shrink hid): as qemu does since 5.0
+                end = min(self._driver.size, backing.size)
+                self.write_zeroes(old, end - old, unmap=True)
 
     def close(self) -> None:
         with self._lock:
