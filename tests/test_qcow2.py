@@ -163,6 +163,44 @@ def test_read_matches_qemu_convert(tmp_path):
         assert d.read(0, 5 * MiB) == Path(raw).read_bytes()
 
 
+def test_mapping_of_mixed_clusters_across_l2_tables(tmp_path):
+    """The run iterator over data, compressed, zero and unallocated clusters, with L2
+    tables of 64 entries (512-byte clusters): a range read or mapped whole gives what
+    the clusters give one by one, and what qemu-img reads."""
+    path, raw = str(tmp_path / "m.qcow2"), str(tmp_path / "m.raw")
+    span = l2_span(512)
+    qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", path, str(4 * span))
+    rnd = random.Random(3)
+    clusters = 4 * span // 512
+    # compressed clusters first (qemu compresses only into unallocated ones), then data
+    # and zeros over and around them
+    cmds = [f"write -c -P 0x33 {c * 512} 512" for c in rnd.sample(range(clusters), 40)]
+    for _ in range(40):
+        c = rnd.randrange(clusters)
+        n = min(rnd.randrange(1, 40), clusters - c) * 512
+        op = rnd.choice([f"write -P {rnd.randrange(1, 255)}", "write -z"])
+        cmds.append(f"{op} {c * 512} {n}")
+    qio(path, *cmds)
+    qimg("convert", "-O", "raw", path, raw)
+    want = Path(raw).read_bytes()
+    with closing(opened(path)) as d:
+        whole = d.block_status(0, d.size)
+        one_by_one = [e for c in range(0, d.size, 512) for e in d.block_status(c, 512)]
+        kinds = bytearray(d.size // 512)
+        for e in one_by_one:
+            kinds[e.offset // 512] = e.kind
+        for e in whole:
+            assert set(kinds[e.offset // 512 : e.end // 512]) == {e.kind}
+            if e.host is not None:  # contiguous on the host as it says
+                for c in range(e.offset, e.end, 512):
+                    assert d.block_status(c, 512)[0].host == e.host + c - e.offset
+        assert d.read(0, d.size) == want
+        for _ in range(50):
+            off = rnd.randrange(d.size)
+            n = rnd.randrange(1, min(3 * span, d.size - off) + 1)
+            assert d.read(off, n) == want[off : off + n]
+
+
 @pytest.mark.parametrize("ctype", ["zlib", "zstd"])
 @pytest.mark.parametrize("cs", [4096, 65536])
 def test_compressed_read_and_overwrite(tmp_path, ctype, cs):
@@ -344,6 +382,51 @@ def test_random_writes_pass_qemu_check(tmp_path, opts):
     qimg("check", path)
     qimg("compare", "-f", "qcow2", "-F", "raw", path, str(raw))
     qio(path, f"read -P 0xee {size - 1500} 1500")
+    with closing(opened(path)) as d:
+        assert d.check().exit_code == 0
+
+
+@pytest.mark.parametrize("opts", [v[1] for v in WRITE_VARIANTS], ids=[v[0] for v in WRITE_VARIANTS])
+def test_long_writes_pass_qemu_check(tmp_path, opts):
+    """Writes of many clusters (what convert does): fresh clusters at the end of the file
+    are allocated as one run and written with one pwrite; runs cross L2 tables and
+    refcount blocks, meet allocated clusters, freed ones and the partial last cluster."""
+    path, raw = str(tmp_path / "w.qcow2"), tmp_path / "w.raw"
+    cs = opts.get("cluster_size", 65536)
+    size = 2 * l2_span(cs, bool(opts.get("extended_l2"))) + 3 * cs + 1536
+    size = min(size, 24 * MiB + 1536)
+    Qcow2Driver.create(FileStorage(path, readonly=False, create=True), size, dict(opts))
+    ref = bytearray(size)
+    rnd = random.Random(11)
+    d = opened(path, readonly=False, l2_cache_size=2 * cs, refcount_cache_size=2 * cs)
+
+    def write(off: int, n: int) -> None:
+        n = min(n, size - off)
+        data = rnd.randbytes(n)
+        d.write(off, memoryview(data))
+        ref[off : off + n] = data
+
+    write(3 * cs, 5 * cs)  # allocated clusters in the middle of later runs
+    pos = 0
+    while pos < size:  # sequential, cluster-aligned and not, with gaps
+        n = rnd.randrange(2 * cs, 40 * cs) + rnd.choice([0, 0, 700])
+        write(pos, n)
+        pos += n + rnd.choice([0, 0, cs, 3 * cs + 512])
+    d.flush()
+    for _ in range(3):  # overwrites in place, then discards: freed clusters get reused
+        a = rnd.randrange(size // cs) * cs
+        write(a, rnd.randrange(2, 20) * cs)
+    a = (size // cs // 3) * cs
+    d.discard(a, 8 * cs)
+    ref[a : a + 8 * cs] = bytes(8 * cs)
+    d.flush()
+    write(a - cs, 12 * cs)
+    write(0, size)  # everything at once: overwrite in place
+    assert d.read(0, size) == ref
+    d.close()
+    raw.write_bytes(ref)
+    qimg("check", path)
+    qimg("compare", "-f", "qcow2", "-F", "raw", path, str(raw))
     with closing(opened(path)) as d:
         assert d.check().exit_code == 0
 

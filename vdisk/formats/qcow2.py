@@ -50,7 +50,6 @@ from vdisk.formats.base import (
     Extent,
     Kind,
     SnapshotInfo,
-    cluster_spans,
     merge_extents,
     reject_unknown_options,
 )
@@ -381,6 +380,8 @@ class Qcow2Driver(Driver):
             on_evict=self._l2_evicted,
         )
         self._pending_free: list[tuple[int, int]] = []  # (offset, length) to decrement
+        #: data write() is gathering: (host offset, bytes, end of them in the caller's buffer)
+        self._run: tuple[int, memoryview, int] | None = None
         self._comp_cache: tuple[int, bytes] | None = None
         self._comp_offset_mask = (1 << (62 - (cluster_bits - 8))) - 1
         self._csize_shift = 62 - (cluster_bits - 8)
@@ -450,6 +451,7 @@ class Qcow2Driver(Driver):
 
     def _l2_evicted(self, key: int, t: L2Table) -> None:
         if t.dirty:
+            self._write_run()  # the data this table maps goes first
             # the refcounts of the clusters this table maps must be durable first
             self.refs.write_dirty()
             self.io.barrier()
@@ -524,6 +526,11 @@ class Qcow2Driver(Driver):
                 yield HOLE, pos, nxt - pos, 0
                 pos = nxt
                 continue
+            if not self.extl2:
+                nxt = min((l1i + 1) * span, end)
+                yield from self._table_pieces(gidx, pos, nxt)
+                pos = nxt
+                continue
             n = min(cs - within, end - pos)
             pos += n
             goff = gidx * cs + within
@@ -568,6 +575,42 @@ class Qcow2Driver(Driver):
                 else:
                     yield HOLE, gidx * cs + sub, m, 0
                 sub += m
+
+    def _table_pieces(self, gidx: int, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+        """Pieces of [pos, end), which lies in the range of one L2 table of standard
+        entries, neighbours already joined: one table lookup and a tight loop over its
+        entries instead of a lookup per cluster (convert maps a whole disk this way)."""
+        cs = self.cluster_size
+        l1i, l2i = divmod(gidx, self.l2_entries)
+        data = self._l2(self.l1[l1i] & L1E_OFFSET_MASK, l1i).data
+        kind, start, host = -1, pos, 0  # the run being joined
+        while pos < end:
+            entry = data[l2i]
+            nxt = min((gidx + 1) * cs, end)
+            if entry & OFLAG_COMPRESSED:
+                if kind >= 0:
+                    yield kind, start, pos - start, host
+                    kind = -1
+                yield COMPRESSED, pos, nxt - pos, entry
+            else:
+                h = entry & L2E_OFFSET_MASK
+                if h % cs:
+                    raise self._bad(gidx, f"host offset {h:#x} is not cluster aligned")
+                if entry & OFLAG_ZERO:
+                    k, h = ZERO, 0
+                elif h:
+                    k, h = DATA, h + pos - gidx * cs
+                else:
+                    k = HOLE
+                if k != kind or (k == DATA and host + pos - start != h):
+                    if kind >= 0:
+                        yield kind, start, pos - start, host
+                    kind, start, host = k, pos, h
+            pos = nxt
+            gidx += 1
+            l2i += 1
+        if kind >= 0:
+            yield kind, start, pos - start, host
 
     def _decompress(self, entry: int) -> bytes:
         if self._comp_cache is not None and self._comp_cache[0] == entry:
@@ -692,17 +735,94 @@ class Qcow2Driver(Driver):
         cs = self.cluster_size
         return within == 0 and (n == cs or gidx * cs + n >= self.size)
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Map each cluster, then write the data in runs: clusters that land next to each
+        other on the host (fresh allocations, in-place overwrites) go down as one pwrite
+        of the caller's buffer, not one pwrite and one copy per cluster."""
         self._check_writable()
         if len(self._pending_free) > MAX_PENDING_FREES:
             self.flush()
-        mv = memoryview(data)
+        mv = memoryview(data).cast("B")
+        cs = self.cluster_size
+        total = len(mv)
         pos = 0
-        for gidx, within, n in cluster_spans(offset, len(data), self.cluster_size):
-            self._write_cluster(gidx, within, mv[pos : pos + n])
-            pos += n
+        try:
+            while pos < total:
+                gidx, within = divmod(offset + pos, cs)
+                n = min(cs - within, total - pos)
+                if within == 0 and total - pos >= 2 * cs and self.refs.tail_is_full():
+                    k, fresh = self._alloc_fresh(gidx, (total - pos) // cs)
+                    if k:
+                        self._gather(fresh, mv, pos, pos + k * cs)
+                        pos += k * cs
+                        continue
+                host = self._write_cluster(gidx, within, mv[pos : pos + n])
+                if host is not None:
+                    self._gather(host, mv, pos, pos + n)
+                pos += n
+        finally:
+            self._write_run()
 
-    def _write_cluster(self, gidx: int, within: int, data: memoryview) -> None:
+    def _gather(self, host: int, mv: memoryview, start: int, end: int) -> None:
+        """Add mv[start:end], bound for ``host``, to the run being gathered (or start one)."""
+        run = self._run
+        if run is not None and run[0] + len(run[1]) == host and run[2] == start:
+            self._run = (run[0], mv[start - len(run[1]) : end], end)
+        else:
+            self._write_run()
+            self._run = (host, mv[start:end], end)
+
+    def _alloc_fresh(self, gidx: int, most: int) -> tuple[int, int]:
+        """Map up to ``most`` whole clusters from ``gidx`` (within one L2 table) that are
+        unallocated in this layer to one contiguous run of new host clusters at the end of
+        the file, with one refcount update per block: (count, host offset); (0, 0) when
+        fewer than two qualify (the per-cluster path handles those)."""
+        t, l2i = self._l2_for_write(gidx)
+        k = min(most, self.l2_entries - l2i)
+        d = t.data
+        if self.extl2:
+            j = 0
+            while j < k and d[2 * (l2i + j)] == 0 and d[2 * (l2i + j) + 1] == 0:
+                j += 1
+        elif d[l2i : l2i + k] == zero_array(k):
+            j = k
+        else:
+            j = 0
+            while j < k and d[l2i + j] == 0:
+                j += 1
+        if j < 2:
+            return 0, 0
+        host = self.refs.alloc_contiguous(j)
+        cs = self.cluster_size
+        first = host | OFLAG_COPIED
+        entries = array("Q", range(first, first + j * cs, cs))
+        if self.extl2:
+            d[2 * l2i : 2 * (l2i + j) : 2] = entries
+            d[2 * l2i + 1 : 2 * (l2i + j) + 1 : 2] = array("Q", [ALL_ALLOC]) * j
+        else:
+            d[l2i : l2i + j] = entries
+        t.dirty = True
+        if t.offset not in self.l2_cache:
+            self.l2_cache.put(t.offset, t)
+        return j, host
+
+    def _write_run(self) -> None:
+        """Write the data run that write() is gathering. Called before anything that may
+        write an L2 table (which must never point at data not yet written) and at the end
+        of each write."""
+        run, self._run = self._run, None
+        if run is not None:
+            self.io.write(run[0], run[1])
+
+    def _write_piece(self, gidx: int, within: int, data: memoryview) -> None:
+        host = self._write_cluster(gidx, within, data)
+        if host is not None:
+            self.io.write(host, data)
+
+    def _write_cluster(self, gidx: int, within: int, data: memoryview) -> int | None:
+        """Map one piece of a cluster. Returns the host offset where ``data`` is to be
+        written as it is (the caller joins neighbours into one write), or None when the
+        piece was written here (read-modify-write, or the short last cluster)."""
         cs = self.cluster_size
         n = len(data)
         t, l2i = self._l2_for_write(gidx)
@@ -719,10 +839,9 @@ class Qcow2Driver(Driver):
             and (not self.extl2 or bm & ALL_ALLOC == ALL_ALLOC)
         ):
             self._check_target(host, f"the data cluster of guest cluster {gidx}", data=True)
-            self.io.write(host + within, data)  # plain overwrite in place
-            return
+            return host + within  # plain overwrite in place
         if self._whole(gidx, within, n):
-            buf = bytes(data) + bytes(cs - n)
+            buf = None if n == cs else bytes(data) + bytes(cs - n)
         else:
             if self.backing is not None and (
                 (entry == 0 and bm == 0) or (self.extl2 and ~(bm | bm >> 32) & ALL_ALLOC)
@@ -731,6 +850,7 @@ class Qcow2Driver(Driver):
                     f"{self.path}: partial write to guest cluster {gidx}, which is not "
                     "allocated in this overlay (the generic layer copies up whole clusters)"
                 )
+            self._write_run()  # what we read back may lie under it
             old = bytearray(self.read(gidx * cs, min(cs, self.size - gidx * cs)))
             old.extend(bytes(cs - len(old)))
             old[within : within + n] = data
@@ -741,8 +861,11 @@ class Qcow2Driver(Driver):
         else:
             target = self.refs.alloc()
             self._drop(entry)
-        self.io.write(target, buf)
         self._set_entry(t, l2i, target | OFLAG_COPIED, ALL_ALLOC if self.extl2 else 0)
+        if buf is None:
+            return target
+        self.io.write(target, buf)
+        return None
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """Zero flags (v3) or deallocation (no backing file) for whole clusters; explicit
@@ -773,7 +896,7 @@ class Qcow2Driver(Driver):
                 pos += n
                 continue
             if not self._whole(gidx, within, n) or (self.version == 2 and self.backing):
-                self._write_cluster(gidx, within, memoryview(bytes(n)))
+                self._write_piece(gidx, within, memoryview(bytes(n)))
                 pos += n
                 continue
             t, l2i = self._l2_for_write(gidx)
@@ -797,6 +920,7 @@ class Qcow2Driver(Driver):
     def flush(self) -> None:
         if self.readonly:
             return
+        self._write_run()
         self.refs.write_dirty()
         self.io.barrier()  # refcounts and data before the mappings that use them
         for _off, t in self.l2_cache.items():
@@ -907,7 +1031,7 @@ class Qcow2Driver(Driver):
         ):
             gidx, within = divmod(size, cs)
             n = min(cs, self.size - gidx * cs) - within
-            self._write_cluster(gidx, within, memoryview(bytes(n)))
+            self._write_piece(gidx, within, memoryview(bytes(n)))
         span = cs * self.l2_entries
         gidx = -(-size // cs)
         end = -(-self.size // cs)
@@ -1171,6 +1295,7 @@ class Qcow2Driver(Driver):
         view.l1_dirty = set()
         view._pending_free = []
         view._comp_cache = None
+        view._run = None
         view.l2_cache = LRU(DEFAULT_L2_CACHE, weigh=lambda t: len(t.data) * 8)
         return view
 
