@@ -134,3 +134,51 @@ def test_convert_compressed(tmp_path, qemu_img):
         check=False,
     )
     assert "streamOptimized" in _one_line_error(p)
+
+
+def test_convert_cache_mode(tmp_path, monkeypatch):
+    """-t as qemu-img's: writeback (the default) syncs the new image, unsafe never does;
+    anything else is one line. Both give the same image."""
+    from vdisk import ops
+
+    src = str(tmp_path / "a.img")
+    with open(src, "wb") as f:
+        f.write(os.urandom(1 << 20))
+    p = vdisk_cli("convert", "-t", "none", src, str(tmp_path / "x.qcow2"), check=False)
+    assert "'none' is not one of 'writeback', 'unsafe'" in _one_line_error(p)
+    assert not (tmp_path / "x.qcow2").exists()
+    vdisk_cli("convert", "-t", "unsafe", "-O", "qcow2", "--verify", src, str(tmp_path / "u.qcow2"))
+    assert vdisk_cli("compare", src, str(tmp_path / "u.qcow2")).returncode == 0
+    with pytest.raises(vdisk.UsageError, match="cache mode 'directsync'"):
+        ops.convert(src, str(tmp_path / "y.qcow2"), out_format="qcow2", cache_mode="directsync")
+
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: synced.append(fd) or real(fd))
+    for fmt in local_formats():
+        synced.clear()
+        ops.convert(src, str(tmp_path / f"u2.{fmt}"), out_format=fmt, cache_mode="unsafe")
+        assert synced == [], fmt
+        ops.convert(src, str(tmp_path / f"w2.{fmt}"), out_format=fmt)
+        assert synced, fmt
+        assert vdisk_cli("compare", str(tmp_path / f"u2.{fmt}"), src).returncode == 0
+
+
+def test_convert_skips_zero_clusters_inside_data(tmp_path):
+    """All-zero clusters inside the source's data are not stored (as qemu-img convert),
+    including ones that a chunk boundary or an unaligned extent start cuts."""
+    src = str(tmp_path / "a.img")
+    cs = 65536
+    data = bytearray(os.urandom(12 * cs))
+    for c in (1, 2, 7, 11):
+        data[c * cs : (c + 1) * cs] = bytes(cs)
+    with open(src, "wb") as f:
+        f.seek(4096)  # a hole first: the data extent starts 4 KiB into the first cluster
+        f.write(data)
+    dst = str(tmp_path / "b.qcow2")
+    vdisk_cli("convert", "-O", "qcow2", "--verify", src, dst)
+    runs = json.loads(vdisk_cli("map", "--output", "json", dst).stdout)
+    stored = sum(r["length"] for r in runs if r["data"])
+    # shifted by 4 KiB, the zero clusters of the data cover guest clusters 2 and 12 (the
+    # short last one) wholly, and 1, 3, 7, 8 and 11 only partly
+    assert stored == 11 * cs, runs

@@ -58,6 +58,15 @@ def _guess_out_format(dst: str) -> str:
 @click.option(
     "--verify", is_flag=True, help="Read both back and compare checksums of the guest content."
 )
+@click.option(
+    "-t",
+    "--cache-mode",
+    type=click.Choice(ops.CACHE_MODES),
+    default="writeback",
+    show_default=True,
+    help="As qemu-img's -t: writeback syncs DST at the end; unsafe never syncs it "
+    "(qemu-img convert's default: faster, but a host crash may leave DST torn).",
+)
 @progress_option
 @cache_option
 def convert(
@@ -71,6 +80,7 @@ def convert(
     backing: str | None,
     backing_format: str | None,
     verify: bool,
+    cache_mode: str,
     progress: bool | None,
     cache_mb: float | None,
 ) -> None:
@@ -91,6 +101,7 @@ def convert(
             progress=bar,
             cache_mb=cache_mb,
             compress=compress,
+            cache_mode=cache_mode,
         )
     if verify:
         click.echo(f"verified: guest content identical (xxh3-128 {res.checksum})")
