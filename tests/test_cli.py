@@ -94,8 +94,9 @@ def _text_like(n: int) -> bytes:
 
 def test_convert_compressed(tmp_path, qemu_img):
     """-c: vdisk writes zstd clusters (smaller than lz4, flagged so older readers refuse),
-    vmdk writes streamOptimized; a format that cannot compress is refused before any file
-    is made; --verify accepts VMDK's size rounded up to 512 bytes."""
+    vmdk writes streamOptimized, qcow2 compressed clusters (deflate or zstd); a format
+    that cannot compress is refused before any file is made; --verify accepts VMDK's
+    size rounded up to 512 bytes."""
     src = str(tmp_path / "a.img")
     with open(src, "wb") as f:
         f.write(_text_like(3 << 20) + b"tail")  # not a multiple of 512
@@ -120,10 +121,21 @@ def test_convert_compressed(tmp_path, qemu_img):
     vdisk_cli("convert", "-c", "--verify", src, vm)
     assert "streamOptimized" in qemu_img("info", vm).stdout
     assert qemu_img("compare", src, vm, check=False).returncode == 0
-    q = tmp_path / "q.qcow2"
-    p = vdisk_cli("convert", "-c", src, str(q), check=False)
+    for ctype in ("zlib", "zstd"):  # qcow2: compressed clusters qemu-img reads and checks
+        q = str(tmp_path / f"q-{ctype}.qcow2")
+        vdisk_cli("convert", "-c", "-o", f"compression_type={ctype}", "--verify", src, q)
+        assert qemu_img("check", q).returncode == 0
+        assert qemu_img("compare", src, q).returncode == 0
+        assert os.stat(q).st_blocks * 512 < (3 << 20) * 0.6
+    p = vdisk_cli(
+        "convert", "-c", "-o", "extended_l2=on", src, str(tmp_path / "e.qcow2"), check=False
+    )
+    assert "extended L2" in _one_line_error(p)
+    assert not (tmp_path / "e.qcow2").exists()
+    v = tmp_path / "v.vhd"
+    p = vdisk_cli("convert", "-c", src, str(v), check=False)
     assert "cannot store compressed data" in _one_line_error(p)
-    assert not q.exists()
+    assert not v.exists()
     p = vdisk_cli(
         "convert",
         "-c",

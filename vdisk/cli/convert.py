@@ -42,6 +42,7 @@ def _guess_out_format(dst: str) -> str:
     "--compress",
     is_flag=True,
     help="Write the compressed form: vdisk zstd clusters (lz4 is the default), "
+    "qcow2 compressed clusters (deflate, or zstd with -o compression_type=zstd), "
     "vmdk streamOptimized.",
 )
 @click.option(

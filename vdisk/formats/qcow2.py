@@ -34,11 +34,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import os
 import struct
+import threading
 import time
 import zlib
 from array import array
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from vdisk.cache.lru import LRU
@@ -164,6 +167,9 @@ class Qcow2Driver(Driver):
     extensions = (".qcow2", ".qcow", ".qcow2c")
     can_create = True
     has_snapshots = True
+    #: convert -c: whole clusters written to unallocated entries are stored compressed
+    #: (deflate as qemu-img convert -c writes them, or zstd with compression_type=zstd)
+    compressed_options = ({}, {"compress": "on"})
 
     # -- discovery and creation ---------------------------------------------------------
 
@@ -175,7 +181,9 @@ class Qcow2Driver(Driver):
 
     @classmethod
     def open(cls, storage: Storage, *, readonly: bool, options: dict[str, Any]) -> Qcow2Driver:
-        reject_unknown_options(cls.name, options, ("l2_cache_size", "refcount_cache_size"))
+        reject_unknown_options(
+            cls.name, options, ("l2_cache_size", "refcount_cache_size", "compress")
+        )
         drv = cls.__new__(cls)
         drv._open(storage, readonly, options)
         return drv
@@ -382,6 +390,13 @@ class Qcow2Driver(Driver):
         self._pending_free: list[tuple[int, int]] = []  # (offset, length) to decrement
         #: data write() is gathering: (host offset, bytes, end of them in the caller's buffer)
         self._run: tuple[int, memoryview, int] | None = None
+        self.compress = bool_option("qcow2", "compress", options.get("compress", False))
+        if self.compress and (readonly or self.extl2):
+            raise UsageError(
+                f"{path}: compress=on needs a writable image without extended L2 entries"
+            )
+        self._ctail = 0  # where the next compressed cluster may continue the last host one
+        self._executor: ThreadPoolExecutor | None = None
         self._comp_cache: tuple[int, bytes] | None = None
         self._comp_offset_mask = (1 << (62 - (cluster_bits - 8))) - 1
         self._csize_shift = 62 - (cluster_bits - 8)
@@ -750,7 +765,17 @@ class Qcow2Driver(Driver):
             while pos < total:
                 gidx, within = divmod(offset + pos, cs)
                 n = min(cs - within, total - pos)
-                if within == 0 and total - pos >= 2 * cs and self.refs.tail_is_full():
+                if self.compress and within == 0 and total - pos >= cs:
+                    k = self._write_compressed(gidx, mv[pos : pos + (total - pos) // cs * cs])
+                    if k:
+                        pos += k * cs
+                        continue
+                if (
+                    within == 0
+                    and total - pos >= 2 * cs
+                    and not self.compress  # this cluster only: the next may compress
+                    and self.refs.tail_is_full()
+                ):
                     k, fresh = self._alloc_fresh(gidx, (total - pos) // cs)
                     if k:
                         self._gather(fresh, mv, pos, pos + k * cs)
@@ -771,6 +796,91 @@ class Qcow2Driver(Driver):
         else:
             self._write_run()
             self._run = (host, mv[start:end], end)
+
+    def _compressor(self) -> Callable[[bytes | memoryview], bytes]:
+        if self.compression_type == 0:
+            # raw deflate with a 4 KiB window, qemu's parameters (any reader inflates it)
+            def deflate(data: bytes | memoryview) -> bytes:
+                c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
+                return c.compress(data) + c.flush()
+
+            return deflate
+        if zstandard is None:
+            raise UnsupportedFeature(
+                f"{self.path}: writing zstd-compressed clusters needs the 'zstandard' module"
+            )
+        local = threading.local()  # a ZstdCompressor must not be shared between threads
+
+        def zstd(data: bytes | memoryview) -> bytes:
+            c = getattr(local, "c", None)
+            if c is None:
+                c = local.c = zstandard.ZstdCompressor(level=3)
+            return c.compress(data)
+
+        return zstd
+
+    def _write_compressed(self, gidx: int, data: memoryview) -> int:
+        """Store whole clusters from ``gidx`` that are unallocated in this layer (and in
+        one L2 table) compressed, packed byte after byte into new host clusters at the end
+        of the file, as qemu-img convert -c does; written with one pwrite. Returns how many
+        clusters were stored (0: the first is allocated, or does not shrink: the caller
+        writes it plainly). Each host cluster's refcount is the number of compressed
+        clusters whose sectors touch it (qcow2.txt, "Compressed Clusters Descriptor")."""
+        cs = self.cluster_size
+        t, l2i = self._l2_for_write(gidx)
+        k = min(len(data) // cs, self.l2_entries - l2i)
+        d = t.data
+        j = 0
+        while j < k and d[l2i + j] == 0:
+            j += 1
+        if not j:
+            return 0
+        pieces = [data[i * cs : (i + 1) * cs] for i in range(j)]
+        fn = self._compressor()
+        if j >= 4 and (os.cpu_count() or 1) > 1:  # zlib and zstd release the GIL
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(2, thread_name_prefix="vdisk-qcow2")
+            blobs = list(self._executor.map(fn, pieces))
+        else:
+            blobs = [fn(p) for p in pieces]
+        # qemu stores a cluster plainly unless it shrinks below cs - 1 bytes; stop there
+        n = next((i for i, b in enumerate(blobs) if len(b) >= cs - 1), j)
+        if not n:
+            return 0
+        blobs = blobs[:n]
+        total = sum(len(b) for b in blobs)
+        refs = self.refs
+        tail_c = (self._ctail - 1) // cs if self._ctail else -1
+        after = max(refs.alloc_end, -(-self.storage.size() // cs))
+        # continue in the last cluster of the previous batch if nothing came after it
+        start = self._ctail if self._ctail % cs and tail_c == after - 1 else after * cs
+        first_new = -(-start // cs)
+        need = -(-(start + total) // cs) - first_new
+        if need:
+            got = refs.alloc_contiguous(need)  # the same end computed above
+            assert got == first_new * cs, (got, first_new * cs)
+        counts: dict[int, int] = {}
+        entries = []
+        o = start
+        for b in blobs:
+            last = o + len(b) - 1
+            nsec = (last >> 9) - (o >> 9) + 1
+            for c in range(o // cs, last // cs + 1):  # the clusters its sectors touch
+                counts[c] = counts.get(c, 0) + 1
+            entries.append(OFLAG_COMPRESSED | (nsec - 1) << self._csize_shift | o)
+            o += len(b)
+        for c, m in counts.items():
+            if c < first_new:
+                refs.adjust(c, m)  # the continued cluster: already counted for earlier ones
+            elif m != 1:
+                refs.set_count(c, m)
+        self.io.write(start, b"".join(blobs))
+        d[l2i : l2i + n] = array("Q", entries)
+        t.dirty = True
+        if t.offset not in self.l2_cache:
+            self.l2_cache.put(t.offset, t)
+        self._ctail = start + total
+        return n
 
     def _alloc_fresh(self, gidx: int, most: int) -> tuple[int, int]:
         """Map up to ``most`` whole clusters from ``gidx`` (within one L2 table) that are
@@ -921,6 +1031,7 @@ class Qcow2Driver(Driver):
         if self.readonly:
             return
         self._write_run()
+        self._ctail = 0  # frees below may release that cluster: start the next afresh
         self.refs.write_dirty()
         self.io.barrier()  # refcounts and data before the mappings that use them
         for _off, t in self.l2_cache.items():
@@ -961,6 +1072,9 @@ class Qcow2Driver(Driver):
             if not self.readonly:
                 self.flush()
         finally:
+            if self._executor is not None:
+                self._executor.shutdown()
+                self._executor = None
             if self._owns_storage:
                 self.storage.close()
 
@@ -1129,6 +1243,9 @@ class Qcow2Driver(Driver):
             raise UnsupportedFeature(f"{path}: qcow2 preallocation other than 'off'")
         if size < 0:
             raise UsageError(f"{path}: negative size {size}")
+        # qemu counts a qcow2 disk in 512-byte sectors and drops a partial last one:
+        # round up, as qemu-img create does, so that qemu sees every byte
+        size = -(-size // 512) * 512
         l2e = cs // (16 if extl2 else 8)
         l1_size = -(-size // (cs * l2e))
         if l1_size * 8 > MAX_L1_BYTES:
@@ -1296,6 +1413,8 @@ class Qcow2Driver(Driver):
         view._pending_free = []
         view._comp_cache = None
         view._run = None
+        view._executor = None
+        view.compress = False
         view.l2_cache = LRU(DEFAULT_L2_CACHE, weigh=lambda t: len(t.data) * 8)
         return view
 
