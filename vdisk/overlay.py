@@ -23,7 +23,6 @@ class _ScratchStorage(FileStorage):
         self.path = label
         self.readonly = False
         self.fd = fd
-        self._track_growth()
 
     def lock(self, *, exclusive: bool) -> None:
         pass

@@ -23,11 +23,6 @@ _FLOCK = struct.Struct("hhqqi4x")
 F_OFD_SETLK = 37
 _LOCK_BYTE = 0x7FFF_FFFF_FFFF_0000  # far beyond any data: locking it never blocks I/O
 _FALLOC_KEEP_SIZE, _FALLOC_PUNCH_HOLE = 0x01, 0x02
-#: Growing a file, reserve its blocks this far ahead (in steps of 1/8 of the file, capped):
-#: a write into reserved blocks measured ~10 us for 40 KiB where one that allocates on
-#: ext4 took ~15-50 us. Reserved (KEEP_SIZE) blocks are past the end of the file, so no
-#: format sees them; they are given back when the file is closed or truncated.
-PREALLOC_MIN, PREALLOC_MAX = 4 << 20, 64 << 20
 try:
     _libc: ctypes.CDLL | None = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 except OSError:  # pragma: no cover - no libc to call: punch_hole writes zeros instead
@@ -116,7 +111,6 @@ class FileStorage(Storage):
                     f"{path}: is {kind}, not an image (a regular file or block device)"
                 )
             os.set_blocking(self.fd, True)
-            self._track_growth()
         except FileNotFoundError:
             raise ImageNotFound(f"{path}: no such file") from None
         except FileExistsError:
@@ -142,9 +136,6 @@ class FileStorage(Storage):
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
-        end = offset + len(view)
-        if end > self._end:
-            self._grow(offset, end)
         try:
             while view:
                 n = os.pwrite(self.fd, view, offset)
@@ -155,58 +146,14 @@ class FileStorage(Storage):
                 raise NoSpace(f"{self.path}: no space left writing at {offset}") from None
             raise StorageError(f"{self.path}: write at {offset} failed: {e.strerror}") from None
 
-    def _track_growth(self) -> None:
-        st = os.fstat(self.fd)
-        self._regular = stat.S_ISREG(st.st_mode)
-        self._end = st.st_size  # the file's size as this handle left it
-        self._reserved = self._end  # blocks are reserved up to here (KEEP_SIZE)
-        if self._regular and not self.readonly and st.st_blocks * 512 > st.st_size + (1 << 20):
-            # a writer that crashed may have left its reservation past the end: free it
-            self._reserved = self._end + 1
-            self._release_reserved()
-
-    def _grow(self, offset: int, end: int) -> None:
-        """A write past the end: an append reserves blocks ahead of it (best effort).
-
-        Reserved blocks must never end up inside the file unwritten (they would take space
-        where a sparse file has a hole), so a write that jumps past the end, or a
-        truncate that grows the file, gives the reservation back first."""
-        if offset > self._end:
-            self._release_reserved()
-        self._end = end
-        if not self._regular or end <= self._reserved or _libc is None:
-            return
-        step = min(max(end // 8, PREALLOC_MIN), PREALLOC_MAX)
-        start = max(self._reserved, offset)
-        rc = _libc.fallocate(
-            self.fd,
-            _FALLOC_KEEP_SIZE,
-            ctypes.c_longlong(start),
-            ctypes.c_longlong(end + step - start),
-        )
-        # on failure (no space for the reservation, no fallocate) plain writes still work
-        self._reserved = end + step if rc == 0 else end
-
-    def _release_reserved(self) -> None:
-        """Give back the blocks reserved past the end (truncating to the size frees them)."""
-        if self._reserved > self._end and not self.readonly:
-            try:
-                os.ftruncate(self.fd, self._end)
-            except OSError:
-                pass
-        self._reserved = self._end
-
     def size(self) -> int:
         return os.fstat(self.fd).st_size
 
     def truncate(self, size: int) -> None:
-        if size > self._end:
-            self._release_reserved()
         try:
             os.ftruncate(self.fd, size)
         except OSError as e:
             raise StorageError(f"{self.path}: cannot resize to {size}: {e.strerror}") from None
-        self._end = self._reserved = size
 
     def sync(self) -> None:
         if self.readonly or not self.durable:
@@ -269,7 +216,6 @@ class FileStorage(Storage):
 
     def close(self) -> None:
         if self.fd >= 0:
-            self._release_reserved()
             os.close(self.fd)
             self.fd = -1
 
