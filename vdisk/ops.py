@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,30 +168,23 @@ def convert(
                 options=open_options or None,
                 durable=durable,
             ) as d:
-                align = d.cluster_size
-                grain = max(4096, align)
-                done = 0
-                for e in _extents(s):
-                    if e.kind != Kind.DATA and backing is None:
-                        res.bytes_skipped += e.length
+                grain = max(4096, d.cluster_size)
+                pieces = _copy_pieces(s, d.cluster_size, holes=backing is not None)
+                for off, n, data in _read_ahead(s, pieces):
+                    if data is None:
+                        res.bytes_skipped += n
+                    elif backing is not None:
+                        if d.read(off, n) != data:
+                            d.write(off, data)
+                            res.bytes_copied += n
+                        else:
+                            res.bytes_skipped += n
+                    elif _is_zero(data):
+                        res.bytes_skipped += n
                     else:
-                        for off, n in _chunks(e.offset, e.length, align):
-                            data = s.read(off, n) if e.kind == Kind.DATA else bytes(n)
-                            if backing is not None:
-                                if d.read(off, n) != data:
-                                    d.write(off, data)
-                                    res.bytes_copied += n
-                                else:
-                                    res.bytes_skipped += n
-                            elif _is_zero(data):
-                                res.bytes_skipped += n
-                            else:
-                                _write_nonzero(d, off, data, grain, res)
-                            if progress:
-                                progress(done + off + n - e.offset, s.size)
-                    done += e.length
+                        _write_nonzero(d, off, data, grain, res)
                     if progress:
-                        progress(done, s.size)
+                        progress(off + n, s.size)
                 d.flush()
         except BaseException:
             try:
@@ -208,6 +202,44 @@ def convert(
                 f"{dst}: verification failed: guest content differs from {src} (xxh3 {b} != {a})"
             )
     return res
+
+
+def _copy_pieces(s: Disk, align: int, *, holes: bool) -> Iterator[tuple[int, int, int]]:
+    """What convert visits, in order: (offset, length, what) with what 0 = read the
+    source, 1 = zeros (ranges that are not data, when ``holes`` asks to compare them),
+    2 = skip (the new image reads zeros there already)."""
+    for e in _extents(s):
+        if e.kind != Kind.DATA and not holes:
+            yield e.offset, e.length, 2
+            continue
+        what = 0 if e.kind == Kind.DATA else 1
+        for off, n in _chunks(e.offset, e.length, align):
+            yield off, n, what
+
+
+def _read_ahead(
+    s: Disk, pieces: Iterator[tuple[int, int, int]]
+) -> Iterator[tuple[int, int, bytes | None]]:
+    """(offset, length, data or None to skip) of each piece, the source read one piece
+    ahead on a worker thread: pread releases the GIL, so reading the next chunk overlaps
+    writing this one (a Disk is thread-safe; the thread ends with the iteration)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="vdisk-convert") as pool:
+        pending: tuple[int, int, int, Future[bytes] | None] | None = None
+        for off, n, what in pieces:
+            fut = pool.submit(s.read, off, n) if what == 0 else None
+            if pending is not None:
+                yield _resolved(*pending)
+            pending = (off, n, what, fut)
+        if pending is not None:
+            yield _resolved(*pending)
+
+
+def _resolved(
+    off: int, n: int, what: int, fut: Future[bytes] | None
+) -> tuple[int, int, bytes | None]:
+    if fut is not None:
+        return off, n, fut.result()
+    return off, n, bytes(n) if what == 1 else None
 
 
 def _write_nonzero(d: Disk, off: int, data: bytes, grain: int, res: ConvertResult) -> None:
