@@ -224,3 +224,19 @@ def test_a_failed_write_back_keeps_the_data_dirty(tmp_path):
     with vdisk.open(p, readonly=True) as d:
         assert d.read(5 * 65536 + 100, 10) == b"y" * 10
         assert d.read(3 * 65536, 65536) == bytes(65536)
+
+
+def test_small_sequential_writes_fill_clusters_without_reading_them(tmp_path):
+    """4 KiB writes that together cover clusters never read the old content."""
+    p = _native(tmp_path)
+    new = pattern(0, 1 << 20, seed=9)
+    with vdisk.open(p, cache_mb=8, commit_interval=None) as d:
+        for off in range(0, 1 << 20, 4096):
+            d.write(off, new[off : off + 4096])
+        d.flush()
+        st = d.stats()
+        assert st["cache"]["bytes_loaded"] == 0
+        assert st["format"]["clusters_patched"] == 0  # written whole, no read-modify-write
+        assert d.read(0, 1 << 20) == new
+    with vdisk.open(p, readonly=True) as d:
+        assert d.read(0, 2 << 20) == new + pattern(1 << 20, 1 << 20)

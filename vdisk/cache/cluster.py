@@ -69,6 +69,18 @@ class Patch:
             out[within : within + len(data)] = data
         return out
 
+    def covers(self, n: int) -> bool:
+        """Whether the pieces cover [0, n): then the old content is never needed (small
+        sequential writes fill a cluster without reading it)."""
+        if self.nbytes - PIECE_OVERHEAD * len(self.pieces) < n:
+            return False
+        end = 0
+        for within, data in sorted(self.pieces):
+            if within > end:
+                return False
+            end = max(end, within + len(data))
+        return end >= n
+
 
 Entry = bytes | bytearray | Patch
 
@@ -169,7 +181,9 @@ class ClusterCache:
         whole: list[tuple[int, bytes]] = []
         patches: dict[int, Patch] = {}
         for idx, data in items:
-            if isinstance(data, Patch):
+            if isinstance(data, Patch) and data.covers(self._clen(idx)):
+                whole.append((idx * self.cs, bytes(data.apply(bytes(self._clen(idx))))))
+            elif isinstance(data, Patch):
                 patches[idx] = data
             else:
                 whole.append((idx * self.cs, data if isinstance(data, bytes) else bytes(data)))
@@ -190,7 +204,9 @@ class ClusterCache:
     def _materialize(self, idx: int, patch: Patch) -> bytearray:
         """A patch becomes the whole (dirty) cluster: its old content read once, the
         pieces applied on top."""
-        cl = patch.apply(self._fetch(idx, 1)[0])
+        clen = self._clen(idx)
+        base = bytes(clen) if patch.covers(clen) else self._fetch(idx, 1)[0]
+        cl = patch.apply(base)
         self._insert(idx, cl, True)
         return cl
 
@@ -292,7 +308,7 @@ class ClusterCache:
                     p.add(within, bytes(piece))
                     self.used += len(piece) + PIECE_OVERHEAD
                     self.entries.move_to_end(idx)
-                if len(p.pieces) > MAX_PIECES or p.nbytes > self.cs // 2:
+                if len(p.pieces) > MAX_PIECES or p.nbytes > self.cs:
                     self._materialize(idx, p)
                 continue
             self.counters["hits"] += 1
