@@ -848,38 +848,45 @@ class Qcow2Driver(Driver):
         if not n:
             return 0
         blobs = blobs[:n]
-        total = sum(len(b) for b in blobs)
         refs = self.refs
         tail_c = (self._ctail - 1) // cs if self._ctail else -1
         after = max(refs.alloc_end, -(-self.storage.size() // cs))
         # continue in the last cluster of the previous batch if nothing came after it
         start = self._ctail if self._ctail % cs and tail_c == after - 1 else after * cs
         first_new = -(-start // cs)
-        need = -(-(start + total) // cs) - first_new
-        if need:
-            got = refs.alloc_contiguous(need)  # the same end computed above
-            assert got == first_new * cs, (got, first_new * cs)
-        counts: dict[int, int] = {}
+        base = {tail_c: refs.get(tail_c)} if start % cs else {}
+        counts: dict[int, int] = {}  # added references per host cluster
         entries = []
+        out = bytearray()
         o = start
         for b in blobs:
-            last = o + len(b) - 1
-            nsec = (last >> 9) - (o >> 9) + 1
-            for c in range(o // cs, last // cs + 1):  # the clusters its sectors touch
+            while True:  # narrow refcounts (refcount_bits < 16) may not take another one
+                touched = range(o // cs, (o + len(b) - 1) // cs + 1)
+                if all(base.get(c, 0) + counts.get(c, 0) < refs.max_refcount for c in touched):
+                    break
+                o = (o // cs + 1) * cs
+            out += bytes(o - start - len(out))
+            out += b
+            for c in touched:  # the clusters its sectors touch
                 counts[c] = counts.get(c, 0) + 1
+            nsec = ((o + len(b) - 1) >> 9) - (o >> 9) + 1
             entries.append(OFLAG_COMPRESSED | (nsec - 1) << self._csize_shift | o)
             o += len(b)
+        need = -(-o // cs) - first_new
+        if need:
+            got = refs.alloc_contiguous(need)  # the same end as computed above
+            assert got == first_new * cs, (got, first_new * cs)
         for c, m in counts.items():
             if c < first_new:
                 refs.adjust(c, m)  # the continued cluster: already counted for earlier ones
             elif m != 1:
                 refs.set_count(c, m)
-        self.io.write(start, b"".join(blobs))
+        self.io.write(start, out)
         d[l2i : l2i + n] = array("Q", entries)
         t.dirty = True
         if t.offset not in self.l2_cache:
             self.l2_cache.put(t.offset, t)
-        self._ctail = start + total
+        self._ctail = o
         return n
 
     def _alloc_fresh(self, gidx: int, most: int) -> tuple[int, int]:
