@@ -584,6 +584,109 @@ def test_random_garbage_never_harms_the_server(serve, tmp_path: Path) -> None:
     assert s.stop() == 0
 
 
+def test_pipelined_requests_cross_the_receive_buffer(serve, tmp_path: Path) -> None:
+    """Thousands of requests sent without waiting for replies (more bytes than the
+    server's receive buffer, so headers and payloads straddle its end), the first ones
+    dribbled a byte at a time; every reply comes back once with the right data."""
+    import threading
+
+    img = make_raw(tmp_path / "p.raw", SIZE, ((0, MiB),))
+    s = serve(img)
+    wbase, n_req = 4 * MiB, 6000
+    expect: dict[int, tuple[int, int, int]] = {}  # cookie -> (cmd, offset, length)
+    stream = bytearray()
+    for k in range(n_req):
+        if k % 5 == 0:  # writes into the upper half, each to its own place
+            off, n = wbase + (k // 5) * 1500, 1 + (k * 37) % 1400
+            stream += struct.pack(">IHHQQI", REQ_MAGIC, 0, WRITE, k, off, n) + pattern(off, n)
+            expect[k] = (WRITE, off, n)
+        else:  # reads of the pattern in the lower half
+            off, n = (k * 7919) % (MiB - 4096), 1 + (k * 53) % 2000
+            stream += struct.pack(">IHHQQI", REQ_MAGIC, 0, READ, k, off, n)
+            expect[k] = (READ, off, n)
+    assert len(stream) > 512 << 10
+    with RawClient(s.port) as c:
+        c.go("", structured=True)
+        c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def send() -> None:
+            with contextlib.suppress(OSError):
+                for i in range(300):  # ten requests or so, a byte at a time
+                    c.sock.sendall(stream[i : i + 1])
+                c.sock.sendall(stream[300:])
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            for _ in range(n_req):
+                err, cookie, typ, payload = c.reply()
+                cmd, off, n = expect.pop(cookie)
+                assert err == 0, (cookie, payload)
+                if cmd == READ:
+                    assert struct.unpack(">Q", payload[:8])[0] == off
+                    assert payload[8:] == pattern(off, n), cookie
+        finally:
+            sender.join()
+        assert not expect
+        for k in range(0, n_req, 5 * 97):  # the writes landed
+            off, n = wbase + (k // 5) * 1500, 1 + (k * 37) % 1400
+            c.send_request(READ, 1 << 40, off, n)
+            err, cookie, _typ, payload = c.reply()
+            assert (err, cookie) == (0, 1 << 40) and payload[8:] == pattern(off, n)
+    assert s.stop() == 0
+
+
+def test_reader_buffer_compaction_and_growth(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's socket reader against a byte stream sent in uneven pieces, with a
+    tiny buffer: reads straddle its end (compaction), exceed it (growth), payloads are
+    partly buffered, skips cross chunks."""
+    import random
+
+    import trio
+
+    from vdisk.nbd import server as srv
+
+    monkeypatch.setattr(srv, "RECV_SIZE", 100)
+    rnd = random.Random(3)
+    data = rnd.randbytes(200_000)
+    steps = []
+    pos = 0
+    while pos < len(data):
+        kind, n = rnd.choice("rrrps"), rnd.choice((1, 7, 28, 99, 100, 101, 250, 3000))
+        n = min(n, len(data) - pos)
+        steps.append((kind, pos, n))
+        pos += n
+
+    async def main() -> None:
+        a, b = trio.socket.socketpair()
+        with a, b:
+            r = srv._Reader(b.fileno())
+
+            async def feed() -> None:
+                p = 0
+                while p < len(data):
+                    k = rnd.randrange(1, 700)
+                    await a.send(data[p : p + k])
+                    p += k
+                    if rnd.random() < 0.3:
+                        await trio.sleep(0)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(feed)
+                for kind, p, n in steps:
+                    if kind == "r":
+                        assert await r.read(n) == data[p : p + n], (p, n)
+                    elif kind == "p":
+                        assert await r.payload(n) == data[p : p + n], (p, n)
+                    else:
+                        await r.skip(n)
+                a.shutdown(socket.SHUT_WR)
+                with pytest.raises(srv._Closed):
+                    await r.fill(1)
+
+    trio.run(main)
+
+
 def test_client_vanishing_mid_request(serve, tmp_path: Path) -> None:
     img = make_raw(tmp_path / "v.raw", SIZE)
     s = serve(img)
