@@ -623,7 +623,7 @@ def test_pipelined_requests_cross_the_receive_buffer(serve, tmp_path: Path) -> N
                 cmd, off, n = expect.pop(cookie)
                 assert err == 0, (cookie, payload)
                 if cmd == READ:
-                    assert struct.unpack(">Q", payload[:8])[0] == off
+                    assert typ == 1 and struct.unpack(">Q", payload[:8])[0] == off
                     assert payload[8:] == pattern(off, n), cookie
         finally:
             sender.join()
