@@ -546,10 +546,12 @@ def test_api_roundtrip_and_growth(tmp_path):
     qimg("compare", "-f", "qcow2", "-F", "raw", path, str(raw))
     with closing(opened(path, readonly=False)) as d:
         assert d.size == 40 * MiB
-        d.truncate(MiB - 1000)  # frees what lies past the end, zeroes the tail cluster
+        d.truncate(MiB - 1100)  # rounded up to 512 bytes, as qemu counts sectors
+        assert d.size == MiB - 1024
+        d.truncate(MiB - 1024)  # frees what lies past the end, zeroes the tail cluster
         d.truncate(40 * MiB)
-        assert d.read(MiB - 4000, 4000) == bytes(1000) + pattern(MiB - 3000, 2000) + bytes(1000)
-    ref[MiB - 1000 :] = bytes(len(ref) - MiB + 1000)
+        assert d.read(MiB - 4000, 4000) == bytes(1000) + pattern(MiB - 3000, 1976) + bytes(1024)
+    ref[MiB - 1024 :] = bytes(len(ref) - MiB + 1024)
     raw.write_bytes(ref)
     assert qimg("check", path).stdout.count("leaked") == 0
     qimg("compare", "-f", "qcow2", "-F", "raw", path, str(raw))

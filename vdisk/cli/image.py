@@ -238,8 +238,9 @@ def resize(image: str, size: str, fmt: str | None, shrink: bool) -> None:
         new = parse_size(size)
     if new < 0:
         raise UsageError(f"resize: new size would be negative ({new})")
-    ops.resize(image, new, fmt=fmt, shrink=shrink)
-    click.echo(f"Image resized to {new} bytes.")
+    got = ops.resize(image, new, fmt=fmt, shrink=shrink)
+    note = "" if got == new else f" (the format rounds {new} up)"
+    click.echo(f"Image resized to {got} bytes{note}.")
 
 
 @click.command()

@@ -1112,6 +1112,7 @@ class Qcow2Driver(Driver):
         self._check_writable()
         if size < 0:
             raise UsageError(f"{self.path}: negative size {size}")
+        size = -(-size // 512) * 512  # as create: qemu drops a partial last sector
         if size < self.size:
             self._drop_tail(size)
         cs = self.cluster_size
