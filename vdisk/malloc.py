@@ -10,8 +10,7 @@ host process's allocator, so only the entry points call :func:`tune`.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+from vdisk.libc import libc
 
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
@@ -20,10 +19,12 @@ M_MMAP_THRESHOLD = -3
 
 def tune() -> bool:
     """Apply the settings; False where the C library has no mallopt (not glibc)."""
+    lib = libc()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+        mallopt = lib.mallopt if lib is not None else None
+    except AttributeError:
+        mallopt = None
+    if mallopt is None:
         return False
     ok = mallopt(M_MMAP_THRESHOLD, 64 << 20) == 1
     ok &= mallopt(M_TRIM_THRESHOLD, 128 << 20) == 1

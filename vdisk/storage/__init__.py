@@ -8,7 +8,6 @@ the default, an object store and a fault-injecting wrapper (for crash tests) are
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -17,16 +16,13 @@ import struct
 from abc import ABC, abstractmethod
 
 from vdisk.errors import ImageLocked, ImageNotFound, NoSpace, StorageError, VdiskError
+from vdisk.libc import libc
 
 # struct flock for F_OFD_SETLK: l_type, l_whence, l_start, l_len, l_pid (x86_64 / aarch64 layout)
 _FLOCK = struct.Struct("hhqqi4x")
 F_OFD_SETLK = 37
 _LOCK_BYTE = 0x7FFF_FFFF_FFFF_0000  # far beyond any data: locking it never blocks I/O
 _FALLOC_KEEP_SIZE, _FALLOC_PUNCH_HOLE = 0x01, 0x02
-try:
-    _libc: ctypes.CDLL | None = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-except OSError:  # pragma: no cover - no libc to call: punch_hole writes zeros instead
-    _libc = None
 
 
 class Storage(ABC):
@@ -166,8 +162,9 @@ class FileStorage(Storage):
     def punch_hole(self, offset: int, length: int) -> None:
         if length <= 0:
             return
-        if _libc is not None:
-            rc = _libc.fallocate(
+        lib = libc()
+        if lib is not None:
+            rc = lib.fallocate(
                 self.fd,
                 _FALLOC_KEEP_SIZE | _FALLOC_PUNCH_HOLE,
                 ctypes.c_longlong(offset),
