@@ -230,6 +230,8 @@ class ClusterCache:
             self._readahead = min(max(self._readahead * 2, READAHEAD_MIN), READAHEAD_MAX)
         else:
             self._readahead = 0
+            if first == last:  # a random read inside one cluster: the short way
+                return self._read_one(first, offset - first * cs, length)
         pieces: list[bytes | bytearray | memoryview] = []
         idx = first
         while idx <= last:
@@ -275,6 +277,23 @@ class ClusterCache:
         out = pieces[0] if len(pieces) == 1 and isinstance(pieces[0], bytes) else b"".join(pieces)
         self._evict()
         return out
+
+    def _read_one(self, idx: int, lo: int, length: int) -> bytes:
+        cl = self.entries.get(idx)
+        if cl is None:
+            self.counters["misses"] += 1
+            cl = self._fetch(idx, 1)[0]
+            if self.cs <= self.capacity // 2:
+                self._insert(idx, cl, False)
+                self._evict()
+        elif isinstance(cl, Patch):
+            self.counters["misses"] += 1
+            cl = self._materialize(idx, cl)
+            self._evict()
+        else:
+            self.counters["hits"] += 1
+            self.entries.move_to_end(idx)
+        return bytes(cl[lo : lo + length]) if lo or length != len(cl) else bytes(cl)
 
     def _pieces(self, offset: int, mv: memoryview) -> Iterator[tuple[int, int, memoryview, bool]]:
         """Split a write at cluster boundaries: (cluster, offset in it, piece, whole?)."""
