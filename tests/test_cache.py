@@ -71,8 +71,24 @@ def test_hits_misses_and_readahead(tmp_path):
         assert st["readahead_clusters"] > 32, st
         assert st["hits"] > st["misses"], "read-ahead should turn most sequential reads into hits"
         before = d.stats()["cache"]["hits"]
-        d.read(4096, 4096)
+        d.read(65536 + 4096, 4096)  # read (and cached) by the sequential pass
         assert d.stats()["cache"]["hits"] == before + 1
+
+
+def test_a_random_read_caches_a_cluster_on_its_second_miss(tmp_path):
+    """2Q-like admission: the first random miss reads only the bytes asked for (a
+    compressed cluster decoded up to their end) and remembers the cluster; the second
+    caches it; the third is a hit."""
+    p = _native(tmp_path)
+    with vdisk.open(p, cache_mb=8, readonly=True) as d:
+        for k in range(3):
+            assert d.read(5 * 65536 + 1000, 3000) == pattern(5 * 65536 + 1000, 3000)
+            st = d.stats()["cache"]
+            assert (st["misses"], st["hits"], st["cached_clusters"]) == [
+                (1, 0, 0),
+                (2, 0, 1),
+                (2, 1, 1),
+            ][k]
 
 
 def test_random_reads_do_not_read_ahead(tmp_path):

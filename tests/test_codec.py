@@ -69,3 +69,19 @@ def test_is_zero() -> None:
         b = bytearray(65536)
         b[pos] = 1
         assert not codec.is_zero(b)
+
+
+def test_decode_prefix_stops_early_and_still_verifies():
+    data = bytes(range(256)) * 256  # 64 KiB, compressible
+    cdc, stored, cks = codec.encode(data)
+    assert cdc == codec.LZ4
+    for need in (1, 4096, 40000, 65536):
+        assert codec.decode_prefix(cdc, stored, cks, len(data), need, "x")[:need] == data[:need]
+    bad = bytearray(stored)
+    bad[len(bad) // 2] ^= 1
+    with pytest.raises(ChecksumMismatch):
+        codec.decode_prefix(cdc, bytes(bad), cks, len(data), 4096, "x")
+    raw = os.urandom(65536)
+    cdc, stored, cks = codec.encode(raw)
+    assert cdc == codec.RAW
+    assert codec.decode_prefix(cdc, stored, cks, len(raw), 4096, "x")[:4096] == raw[:4096]

@@ -116,6 +116,7 @@ class ClusterCache:
         self.used = 0
         self._next_seq = -1  # guest offset where a sequential reader would read next
         self._readahead = 0
+        self._ghost: OrderedDict[int, int] = OrderedDict()  # clusters missed once, lately
         self.counters = {
             "hits": 0,
             "misses": 0,
@@ -279,13 +280,25 @@ class ClusterCache:
         return out
 
     def _read_one(self, idx: int, lo: int, length: int) -> bytes:
+        """A random read inside one cluster. A cluster is cached on its second miss (as in
+        2Q): the first only leaves its index in a small ghost list and reads just the
+        bytes asked for (a compressed cluster is then decoded only up to their end). A
+        random read of a big disk then costs less, and a re-read set still gets cached."""
         cl = self.entries.get(idx)
         if cl is None:
             self.counters["misses"] += 1
+            if self.cs > self.capacity // 2:
+                return self.load(idx * self.cs + lo, length)
+            ghost = self._ghost
+            if ghost.pop(idx, 0) == 0:
+                ghost[idx] = 1
+                if len(ghost) > max(16, 2 * self.capacity // self.cs):
+                    ghost.popitem(last=False)
+                self.counters["bytes_loaded"] += length
+                return self.load(idx * self.cs + lo, length)
             cl = self._fetch(idx, 1)[0]
-            if self.cs <= self.capacity // 2:
-                self._insert(idx, cl, False)
-                self._evict()
+            self._insert(idx, cl, False)
+            self._evict()
         elif isinstance(cl, Patch):
             self.counters["misses"] += 1
             cl = self._materialize(idx, cl)

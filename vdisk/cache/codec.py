@@ -11,7 +11,9 @@ not a MAC and does not authenticate an image against a deliberate forger.
 
 from __future__ import annotations
 
+import ctypes
 import threading
+from typing import Any
 
 import lz4.block  # type: ignore[import-untyped]
 import xxhash
@@ -117,6 +119,50 @@ def compressor_option(fmt: str, value: object) -> str:
     if v not in COMPRESSORS:
         raise UsageError(f"{fmt}: option compress={value!r}: expected on, off, lz4 or zstd")
     return v
+
+
+_lz4_partial: object = None  # LZ4_decompress_safe_partial of the system's liblz4, or False
+
+
+def _partial() -> Any:
+    """``LZ4_decompress_safe_partial`` from the system's liblz4 (python-lz4 does not offer
+    it), or None. Versions before 1.9 had a bug in it, so they are not used."""
+    global _lz4_partial
+    if _lz4_partial is None:
+        _lz4_partial = False
+        try:
+            lib = ctypes.CDLL("liblz4.so.1")
+            if lib.LZ4_versionNumber() >= 10900:
+                fn = lib.LZ4_decompress_safe_partial
+                fn.restype = ctypes.c_int
+                fn.argtypes = (
+                    ctypes.c_char_p,
+                    ctypes.c_void_p,
+                    ctypes.c_int,
+                    ctypes.c_int,
+                    ctypes.c_int,
+                )
+                _lz4_partial = fn
+        except (OSError, AttributeError):
+            pass
+    return _lz4_partial or None
+
+
+def decode_prefix(
+    codec: int, stored: bytes, expected: int, size: int, need: int, where: str
+) -> bytes:
+    """The first ``need`` bytes of an item (all of them for raw and zstd): a 4 KiB read
+    that will not be cached stops decoding lz4 where its bytes end, on average halfway
+    (measured 9.7 vs 16.6 us a 64 KiB cluster). Verified as :func:`decode` is."""
+    fn = _partial() if codec == LZ4 and need < size else None
+    if fn is None:
+        return decode(codec, stored, expected, size, where)
+    verify(stored, expected, where)
+    out = bytearray(need)
+    got = fn(stored, (ctypes.c_char * need).from_buffer(out), len(stored), need, need)
+    if got != need:
+        raise CorruptImage(f"{where}: lz4 data does not decompress to {need} bytes ({got})")
+    return bytes(out)
 
 
 def verify(stored: bytes, expected: int, where: str) -> None:

@@ -535,10 +535,13 @@ class NativeDriver(Driver):
             f"(host offset {e.host})"
         )
 
-    def _read_cluster(self, c: int, e: Entry) -> bytes:
+    def _read_cluster(self, c: int, e: Entry, need: int | None = None) -> bytes:
+        """Cluster ``c`` decoded: all of it, or at least its first ``need`` bytes."""
         what = self._cluster_what(c, e)
         self.map.check_entry(e, what)
         stored = self.storage.pread_exact(e.host, e.length, what)
+        if need is not None:
+            return codec.decode_prefix(e.codec, stored, e.checksum, self.cluster_size, need, what)
         return codec.decode(e.codec, stored, e.checksum, self.cluster_size, what)
 
     def _pool(self) -> ThreadPoolExecutor:
@@ -576,8 +579,8 @@ class NativeDriver(Driver):
             if e is None or e.host == 0:
                 return codec.zeros(length)
             self.counters["clusters_read"] += 1
-            data = self._read_cluster(c0, e)
             within = offset - (c0 << self.cluster_bits)
+            data = self._read_cluster(c0, e, within + length)
             return data if length == cs else data[within : within + length]
         out = bytearray(length)
         jobs: list[tuple[int, int, int, int, Entry]] = []  # (out pos, cluster, within, n, entry)
