@@ -171,10 +171,10 @@ class ClusterCache:
         except BaseException:
             if self.capacity:
                 for idx, data in items:
-                    if idx not in self.entries:
-                        self.entries[idx] = data
-                        self.used += len(data)
-                    self.dirty.add(idx)
+                    if idx in self.entries:
+                        self.dirty.add(idx)
+                    else:
+                        self._insert(idx, data, True)
             raise
 
     def _hand_down(self, items: list[tuple[int, Entry]]) -> None:

@@ -12,6 +12,7 @@ not a MAC and does not authenticate an image against a deliberate forger.
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 from typing import Any
 
@@ -19,7 +20,7 @@ import lz4.block  # type: ignore[import-untyped]
 import xxhash
 import zstandard
 
-from vdisk.errors import ChecksumMismatch, CorruptImage, UnsupportedFeature, UsageError
+from vdisk.errors import ChecksumMismatch, CorruptImage, UnsupportedFeature
 
 RAW = 0
 LZ4 = 1
@@ -105,47 +106,20 @@ def encode(
     return RAW, raw, checksum(raw)
 
 
-_SPELLINGS = {"on": "lz4", "true": "lz4", "yes": "lz4", "1": "lz4"}
-_SPELLINGS.update({"false": "off", "no": "off", "0": "off"})
-
-
-def compressor_option(fmt: str, value: object) -> str:
-    """An image's ``compress`` option as one of :data:`COMPRESSORS`; booleans and their
-    text spellings (on/off, true/false, ...) mean lz4 and off."""
-    if isinstance(value, bool):
-        return "lz4" if value else "off"
-    v = str(value).strip().lower()
-    v = _SPELLINGS.get(v, v)
-    if v not in COMPRESSORS:
-        raise UsageError(f"{fmt}: option compress={value!r}: expected on, off, lz4 or zstd")
-    return v
-
-
-_lz4_partial: object = None  # LZ4_decompress_safe_partial of the system's liblz4, or False
-
-
+@functools.cache
 def _partial() -> Any:
     """``LZ4_decompress_safe_partial`` from the system's liblz4 (python-lz4 does not offer
     it), or None. Versions before 1.9 had a bug in it, so they are not used."""
-    global _lz4_partial
-    if _lz4_partial is None:
-        _lz4_partial = False
-        try:
-            lib = ctypes.CDLL("liblz4.so.1")
-            if lib.LZ4_versionNumber() >= 10900:
-                fn = lib.LZ4_decompress_safe_partial
-                fn.restype = ctypes.c_int
-                fn.argtypes = (
-                    ctypes.c_char_p,
-                    ctypes.c_void_p,
-                    ctypes.c_int,
-                    ctypes.c_int,
-                    ctypes.c_int,
-                )
-                _lz4_partial = fn
-        except (OSError, AttributeError):
-            pass
-    return _lz4_partial or None
+    try:
+        lib = ctypes.CDLL("liblz4.so.1")
+        if lib.LZ4_versionNumber() < 10900:
+            return None
+        fn = lib.LZ4_decompress_safe_partial
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = (ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int)
+    return fn
 
 
 def decode_prefix(

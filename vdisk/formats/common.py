@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from vdisk.cache import codec
 from vdisk.cache.lru import LRU
 from vdisk.errors import CorruptImage, UsageError
 from vdisk.formats.base import BackingRef, Driver
@@ -88,18 +89,37 @@ class Bitset:
         self.bits[i >> 3] |= 1 << (i & 7)
 
 
+_ON = ("on", "true", "yes", "1")
+_OFF = ("off", "false", "no", "0")
+
+
 def bool_option(driver: str, name: str, value: Any) -> bool:
     """A boolean create option, also as qemu-img and the API's callers spell it in text
     ("on"/"off", "true"/"false", "yes"/"no", "1"/"0"); anything else is a usage error,
     never silently true."""
     if isinstance(value, str):
         low = value.strip().lower()
-        if low in ("on", "true", "yes", "1"):
+        if low in _ON:
             return True
-        if low in ("off", "false", "no", "0"):
+        if low in _OFF:
             return False
         raise UsageError(f"{driver}: option {name} must be on or off, not {value!r}")
     return bool(value)
+
+
+def compressor_option(driver: str, value: Any) -> str:
+    """An image's ``compress`` option as one of :data:`vdisk.cache.codec.COMPRESSORS`;
+    booleans and the spellings :func:`bool_option` takes mean lz4 and off."""
+    if isinstance(value, bool):
+        return "lz4" if value else "off"
+    v = str(value).strip().lower()
+    if v in _ON:
+        return "lz4"
+    if v in _OFF:
+        return "off"
+    if v not in codec.COMPRESSORS:
+        raise UsageError(f"{driver}: option compress={value!r}: expected on, off, lz4 or zstd")
+    return v
 
 
 def refuse_writes_if_corrupt(driver: Driver, what: str) -> None:

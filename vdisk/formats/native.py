@@ -45,6 +45,7 @@ from vdisk.formats.base import (
     merge_extents,
     reject_unknown_options,
 )
+from vdisk.formats.common import compressor_option
 from vdisk.formats.native_layout import (
     BACKING_FOREIGN,
     BACKING_NATIVE,
@@ -87,9 +88,9 @@ log = logging.getLogger(__name__)
 RC = struct.Struct("<H")
 IDENTITY_BYTES = 4096  # a foreign base is identified by its size and xxh3 of head + tail
 PARALLEL_MIN_CLUSTERS = 4
+PARALLEL_MIN_CLUSTER_SIZE = 16384
 _T = TypeVar("_T")
 _R = TypeVar("_R")
-PARALLEL_MIN_CLUSTER_SIZE = 16384
 
 OPEN_OPTIONS = ("metadata_cache_mb", "commit_interval", "workers", "compress")
 CREATE_OPTIONS = ("cluster_size", "backing", "backing_driver", "preallocation")
@@ -196,7 +197,7 @@ class NativeDriver(Driver):
             self.workers = int(options.get("workers", min(2, os.cpu_count() or 1)))
         except (TypeError, ValueError):
             raise UsageError(f"{storage.path}: bad vdisk option value in {options!r}") from None
-        self.compress = codec.compressor_option("vdisk", options.get("compress", "lz4"))
+        self.compress = compressor_option("vdisk", options.get("compress", "lz4"))
         self._executor: ThreadPoolExecutor | None = None
         self._broken: BaseException | None = None
         self.changed = False
@@ -741,12 +742,7 @@ class NativeDriver(Driver):
             j: tuple[int, Entry | None, list[tuple[int, bytes]]],
         ) -> tuple[int, bytes, int] | None:
             c, e, pieces = j
-            if e is None:
-                buf = bytearray(cs)
-            else:
-                what = self._cluster_what(c, e)
-                stored = self.storage.pread_exact(e.host, e.length, what)
-                buf = bytearray(codec.decode(e.codec, stored, e.checksum, cs, what))
+            buf = bytearray(cs) if e is None else bytearray(self._read_cluster(c, e))
             for within, data in pieces:
                 buf[within : within + len(data)] = data
             return self._encode(buf)

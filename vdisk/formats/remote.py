@@ -75,7 +75,7 @@ from vdisk.formats.base import (
     merge_extents,
     reject_unknown_options,
 )
-from vdisk.formats.common import bool_option
+from vdisk.formats.common import bool_option, compressor_option
 from vdisk.storage import Storage
 from vdisk.storage.s3 import LocalCache, S3Client, S3Storage, is_url, parse_url, split_pin
 
@@ -383,7 +383,7 @@ class RemoteDriver(Driver):
         self.pack_size = _opt_size(options, "pack_size", DEFAULT_PACK_SIZE, 64 << 10, 64 << 20)
         self.readahead = _opt_size(options, "readahead", DEFAULT_READAHEAD, 0, 64 << 20)
         self.dedup = bool_option("vdisk-s3", "dedup", options.get("dedup", True))
-        self.compress = codec.compressor_option("vdisk-s3", options.get("compress", "lz4"))
+        self.compress = compressor_option("vdisk-s3", options.get("compress", "lz4"))
         workers = _opt_size(options, "workers", 8, 1, 64)
         cache_bytes = options.get("cache_bytes")
         self.cache = cache or LocalCache(
