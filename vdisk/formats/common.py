@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -87,6 +88,25 @@ class Bitset:
 
     def add(self, i: int) -> None:
         self.bits[i >> 3] |= 1 << (i & 7)
+
+
+class LazyPool:
+    """A driver's codec threads, made on first use (most opens never need them) and shut
+    down with the driver (after the running jobs: none may outlive its storage)."""
+
+    def __init__(self, workers: int, name: str) -> None:
+        self.workers, self.name = max(1, workers), name
+        self._executor: ThreadPoolExecutor | None = None
+
+    def get(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix=self.name)
+        return self._executor
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
 
 _ON = ("on", "true", "yes", "1")

@@ -45,7 +45,7 @@ from vdisk.formats.base import (
     merge_extents,
     reject_unknown_options,
 )
-from vdisk.formats.common import compressor_option
+from vdisk.formats.common import LazyPool, compressor_option
 from vdisk.formats.native_layout import (
     BACKING_FOREIGN,
     BACKING_NATIVE,
@@ -198,7 +198,7 @@ class NativeDriver(Driver):
         except (TypeError, ValueError):
             raise UsageError(f"{storage.path}: bad vdisk option value in {options!r}") from None
         self.compress = compressor_option("vdisk", options.get("compress", "lz4"))
-        self._executor: ThreadPoolExecutor | None = None
+        self._threads = LazyPool(self.workers, "vdisk-codec")
         self._broken: BaseException | None = None
         self.changed = False
         self.counters = {
@@ -546,11 +546,7 @@ class NativeDriver(Driver):
         return codec.decode(e.codec, stored, e.checksum, self.cluster_size, what)
 
     def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(
-                max_workers=max(1, self.workers), thread_name_prefix="vdisk-codec"
-            )
-        return self._executor
+        return self._threads.get()
 
     def _parallel(self, n: int) -> bool:
         return (
@@ -1013,9 +1009,7 @@ class NativeDriver(Driver):
             if not self.readonly and self.view_of is None and self._broken is None:
                 self.flush()
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
+            self._threads.shutdown()
             if self.view_of is None:
                 self.storage.close()
 

@@ -41,7 +41,6 @@ import time
 import zlib
 from array import array
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from vdisk.cache.lru import LRU
@@ -56,7 +55,7 @@ from vdisk.formats.base import (
     merge_extents,
     reject_unknown_options,
 )
-from vdisk.formats.common import bool_option
+from vdisk.formats.common import LazyPool, bool_option
 from vdisk.formats.qcow2_refcount import (
     MAX_REFTABLE_BYTES,
     U64,
@@ -396,7 +395,9 @@ class Qcow2Driver(Driver):
                 f"{path}: compress=on needs a writable image without extended L2 entries"
             )
         self._ctail = 0  # where the next compressed cluster may continue the last host one
-        self._executor: ThreadPoolExecutor | None = None
+        self._threads = LazyPool(
+            2, "vdisk-qcow2"
+        )  # compressed writes: zlib and zstd release the GIL
         self._comp_cache: tuple[int, bytes] | None = None
         self._comp_offset_mask = (1 << (62 - (cluster_bits - 8))) - 1
         self._csize_shift = 62 - (cluster_bits - 8)
@@ -838,9 +839,7 @@ class Qcow2Driver(Driver):
         pieces = [data[i * cs : (i + 1) * cs] for i in range(j)]
         fn = self._compressor()
         if j >= 4 and (os.cpu_count() or 1) > 1:  # zlib and zstd release the GIL
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(2, thread_name_prefix="vdisk-qcow2")
-            blobs = list(self._executor.map(fn, pieces))
+            blobs = list(self._threads.get().map(fn, pieces))
         else:
             blobs = [fn(p) for p in pieces]
         # qemu stores a cluster plainly unless it shrinks below cs - 1 bytes; stop there
@@ -1079,9 +1078,7 @@ class Qcow2Driver(Driver):
             if not self.readonly:
                 self.flush()
         finally:
-            if self._executor is not None:
-                self._executor.shutdown()
-                self._executor = None
+            self._threads.shutdown()
             if self._owns_storage:
                 self.storage.close()
 
@@ -1421,7 +1418,7 @@ class Qcow2Driver(Driver):
         view._pending_free = []
         view._comp_cache = None
         view._run = None
-        view._executor = None
+        view._threads = LazyPool(2, "vdisk-qcow2")
         view.compress = False
         view.l2_cache = LRU(DEFAULT_L2_CACHE, weigh=lambda t: len(t.data) * 8)
         return view

@@ -66,7 +66,7 @@ from vdisk.formats.base import (
     merge_extents,
     reject_unknown_options,
 )
-from vdisk.formats.common import bool_option, create_parent
+from vdisk.formats.common import LazyPool, bool_option, create_parent
 from vdisk.storage import Storage
 
 # -- on-disk structures (VMDK 5.0 spec, "Hosted Sparse Extent Header") ------------------
@@ -955,7 +955,7 @@ class VmdkDriver(Driver):
         self.has_parent = False
         self.size = 0
         self.workers = min(4, os.cpu_count() or 1)
-        self.executor: ThreadPoolExecutor | None = None
+        self._threads = LazyPool(self.workers, "vdisk-vmdk")
 
     # -- discovery -----------------------------------------------------------------
 
@@ -1190,20 +1190,14 @@ class VmdkDriver(Driver):
         drain()
 
     def _pool(self) -> ThreadPoolExecutor | None:
-        if self.workers <= 1:
-            return None
-        if self.executor is None:
-            self.executor = ThreadPoolExecutor(self.workers, thread_name_prefix="vdisk-vmdk")
-        return self.executor
+        return self._threads.get() if self.workers > 1 else None
 
     def close(self) -> None:
         try:
             if not self.readonly:
                 self.flush()
         finally:
-            if self.executor is not None:
-                self.executor.shutdown()
-                self.executor = None
+            self._threads.shutdown()
             for s in self.others:
                 s.close()
             self.others.clear()
