@@ -395,9 +395,8 @@ class Qcow2Driver(Driver):
                 f"{path}: compress=on needs a writable image without extended L2 entries"
             )
         self._ctail = 0  # where the next compressed cluster may continue the last host one
-        self._threads = LazyPool(
-            2, "vdisk-qcow2"
-        )  # compressed writes: zlib and zstd release the GIL
+        # compressed writes on 2 threads: zlib and zstd release the GIL
+        self._threads = LazyPool(2, "vdisk-qcow2")
         self._comp_cache: tuple[int, bytes] | None = None
         self._comp_offset_mask = (1 << (62 - (cluster_bits - 8))) - 1
         self._csize_shift = 62 - (cluster_bits - 8)
