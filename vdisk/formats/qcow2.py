@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import os
 import struct
@@ -797,7 +798,10 @@ class Qcow2Driver(Driver):
             self._write_run()
             self._run = (host, mv[start:end], end)
 
+    @functools.cached_property
     def _compressor(self) -> Callable[[bytes | memoryview], bytes]:
+        """The cluster compressor of this image's compression type, made once per open
+        (its zstd contexts are per thread and reused across batches)."""
         if self.compression_type == 0:
             # raw deflate with a 4 KiB window, qemu's parameters (any reader inflates it)
             def deflate(data: bytes | memoryview) -> bytes:
@@ -836,7 +840,7 @@ class Qcow2Driver(Driver):
         if not j:
             return 0
         pieces = [data[i * cs : (i + 1) * cs] for i in range(j)]
-        fn = self._compressor()
+        fn = self._compressor
         if j >= 4 and (os.cpu_count() or 1) > 1:  # zlib and zstd release the GIL
             blobs = list(self._threads.get().map(fn, pieces))
         else:
