@@ -91,6 +91,30 @@ def test_a_random_read_caches_a_cluster_on_its_second_miss(tmp_path):
             ][k]
 
 
+def test_random_read_admission_turns_off_when_it_does_not_pay(tmp_path):
+    """Random reads over a disk 64 times the cache: clusters cached on a second miss are
+    evicted before anyone reads them again, so admission stops (but for a rare probe)
+    and misses keep reading only the bytes asked for. A set that fits turns it back on."""
+    p = _native(tmp_path, 64 << 20)
+    rng = random.Random(5)
+    with vdisk.open(p, cache_mb=1, readonly=True) as d:
+        for _ in range(30000):
+            off = rng.randrange(0, (64 << 20) // 4096) * 4096
+            assert d.read(off, 4096) == pattern(off, 4096)
+        st = d.stats()["cache"]
+        whole = (st["bytes_loaded"] - 4096 * st["misses"]) // (65536 - 4096)
+        # ~4000 second misses in 30000 reads: without the check most of them load a cluster
+        assert whole < 1200, st
+        for _ in range(20):  # a hot set of 8 clusters (of 16 that fit)
+            for k in range(8):
+                off = (100 + 3 * k) * 65536 + rng.randrange(16) * 4096
+                assert d.read(off, 4096) == pattern(off, 4096)
+        before = d.stats()["cache"]["hits"]
+        for k in range(8):
+            d.read((100 + 3 * k) * 65536, 4096)
+        assert d.stats()["cache"]["hits"] == before + 8
+
+
 def test_random_reads_do_not_read_ahead(tmp_path):
     p = _raw(tmp_path)
     rng = random.Random(2)

@@ -71,17 +71,21 @@ def test_is_zero() -> None:
         assert not codec.is_zero(b)
 
 
-def test_decode_prefix_stops_early_and_still_verifies():
-    data = bytes(range(256)) * 256  # 64 KiB, compressible
+def test_decode_range_stops_early_and_still_verifies():
+    data = os.urandom(1000) * 66  # ~64 KiB, compressible, no two 4 KiB blocks alike
+    data = data[:65536]
     cdc, stored, cks = codec.encode(data)
     assert cdc == codec.LZ4
-    for need in (1, 4096, 40000, 65536):
-        assert codec.decode_prefix(cdc, stored, cks, len(data), need, "x")[:need] == data[:need]
+    for lo, hi in ((0, 1), (0, 4096), (8192, 12288), (36864, 40000), (61440, 65536), (0, 65536)):
+        assert codec.decode_range(cdc, stored, cks, len(data), lo, hi, "x") == data[lo:hi]
     bad = bytearray(stored)
     bad[len(bad) // 2] ^= 1
     with pytest.raises(ChecksumMismatch):
-        codec.decode_prefix(cdc, bytes(bad), cks, len(data), 4096, "x")
+        codec.decode_range(cdc, bytes(bad), cks, len(data), 0, 4096, "x")
+    with pytest.raises(CorruptImage):  # a checksum that matches bytes that do not decode
+        junk = b"\xff" * 64
+        codec.decode_range(cdc, junk, codec.checksum(junk), len(data), 0, 4096, "x")
     raw = os.urandom(65536)
     cdc, stored, cks = codec.encode(raw)
     assert cdc == codec.RAW
-    assert codec.decode_prefix(cdc, stored, cks, len(raw), 4096, "x")[:4096] == raw[:4096]
+    assert codec.decode_range(cdc, stored, cks, len(raw), 4096, 8192, "x") == raw[4096:8192]

@@ -44,6 +44,11 @@ READAHEAD_MAX = 4 * 1024 * 1024
 PIECE_OVERHEAD = 96
 #: A patch that collects more pieces than this becomes a whole cluster (one read).
 MAX_PIECES = 32
+#: A random read caches its cluster on its second miss while no more than ADMIT_MAX_WASTE
+#: times as many of the clusters admitted so were evicted unused as were hit first (a hit
+#: saves about what an admission costs), else on its third. The counts halve at ADMIT_WINDOW.
+ADMIT_MAX_WASTE = 1
+ADMIT_WINDOW = 256
 
 
 class Patch:
@@ -116,7 +121,10 @@ class ClusterCache:
         self.used = 0
         self._next_seq = -1  # guest offset where a sequential reader would read next
         self._readahead = 0
-        self._ghost: OrderedDict[int, int] = OrderedDict()  # clusters missed once, lately
+        self._ghost: OrderedDict[int, int] = OrderedDict()  # cluster -> misses, lately
+        self._trial: set[int] = set()  # admitted by a second miss and not hit since
+        self._useful = 0  # admitted clusters hit before eviction, lately
+        self._wasted = 0  # admitted clusters evicted unused, lately
         self.counters = {
             "hits": 0,
             "misses": 0,
@@ -153,6 +161,9 @@ class ClusterCache:
             idx, data = self.entries.popitem(last=False)
             self.used -= len(data)
             self.counters["evictions"] += 1
+            if idx in self._trial:
+                self._trial.discard(idx)
+                self._judge(useful=False)
             if idx in self.dirty:
                 self.dirty.discard(idx)
                 victims.append((idx, data))
@@ -242,6 +253,9 @@ class ClusterCache:
                 cl = self._materialize(idx, cl)
             elif cl is not None:
                 self.counters["hits"] += 1
+                if idx in self._trial:
+                    self._trial.discard(idx)
+                    self._judge(useful=True)
             if cl is not None:
                 self.entries.move_to_end(idx)
                 lo = offset - idx * cs if idx == first else 0
@@ -281,23 +295,26 @@ class ClusterCache:
 
     def _read_one(self, idx: int, lo: int, length: int) -> bytes:
         """A random read inside one cluster. A cluster is cached on its second miss (as in
-        2Q): the first only leaves its index in a small ghost list and reads just the
-        bytes asked for (a compressed cluster is then decoded only up to their end). A
-        random read of a big disk then costs less, and a re-read set still gets cached."""
+        2Q), or its third while that does not pay (:meth:`_admit_after`): the misses before
+        only count in a small ghost list and read just the bytes asked for (a compressed
+        cluster is then decoded only up to their end). A random read of a big disk then
+        costs less, and a re-read set still gets cached."""
         cl = self.entries.get(idx)
         if cl is None:
             self.counters["misses"] += 1
             if self.cs > self.capacity // 2:
                 return self.load(idx * self.cs + lo, length)
             ghost = self._ghost
-            if ghost.pop(idx, 0) == 0:
-                ghost[idx] = 1
+            misses = ghost.pop(idx, 0) + 1
+            if misses < self._admit_after():
+                ghost[idx] = misses
                 if len(ghost) > max(16, 2 * self.capacity // self.cs):
                     ghost.popitem(last=False)
                 self.counters["bytes_loaded"] += length
                 return self.load(idx * self.cs + lo, length)
             cl = self._fetch(idx, 1)[0]
             self._insert(idx, cl, False)
+            self._trial.add(idx)
             self._evict()
         elif isinstance(cl, Patch):
             self.counters["misses"] += 1
@@ -306,7 +323,26 @@ class ClusterCache:
         else:
             self.counters["hits"] += 1
             self.entries.move_to_end(idx)
+            if idx in self._trial:
+                self._trial.discard(idx)
+                self._judge(useful=True)
         return bytes(cl[lo : lo + length]) if lo or length != len(cl) else bytes(cl)
+
+    def _admit_after(self) -> int:
+        """On which miss a random read caches its cluster. Caching costs a whole decode
+        instead of a partial one and pays only if the cluster is read again before it is
+        evicted: not when random reads spread over a disk many times the cache (then only
+        a third miss, much rarer, admits), but yes for a working set that fits."""
+        return 2 if self._wasted <= ADMIT_MAX_WASTE * self._useful else 3
+
+    def _judge(self, useful: bool) -> None:
+        if useful:
+            self._useful += 1
+        else:
+            self._wasted += 1
+        if self._useful + self._wasted >= ADMIT_WINDOW:
+            self._useful //= 2
+            self._wasted //= 2
 
     def _pieces(self, offset: int, mv: memoryview) -> Iterator[tuple[int, int, memoryview, bool]]:
         """Split a write at cluster boundaries: (cluster, offset in it, piece, whole?)."""
@@ -432,6 +468,7 @@ class ClusterCache:
         """Forget every clean cluster (after a revert or a resize changed what is below)."""
         assert not self.dirty, "write back before invalidating"
         self.entries.clear()
+        self._trial.clear()
         self.used = 0
 
     def resize(self, size: int) -> None:

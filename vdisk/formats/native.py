@@ -536,13 +536,13 @@ class NativeDriver(Driver):
             f"(host offset {e.host})"
         )
 
-    def _read_cluster(self, c: int, e: Entry, need: int | None = None) -> bytes:
-        """Cluster ``c`` decoded: all of it, or at least its first ``need`` bytes."""
+    def _read_cluster(self, c: int, e: Entry, lo: int = 0, hi: int | None = None) -> bytes:
+        """Cluster ``c`` decoded: all of it, or its bytes [lo, hi)."""
         what = self._cluster_what(c, e)
         self.map.check_entry(e, what)
         stored = self.storage.pread_exact(e.host, e.length, what)
-        if need is not None:
-            return codec.decode_prefix(e.codec, stored, e.checksum, self.cluster_size, need, what)
+        if hi is not None:
+            return codec.decode_range(e.codec, stored, e.checksum, self.cluster_size, lo, hi, what)
         return codec.decode(e.codec, stored, e.checksum, self.cluster_size, what)
 
     def _pool(self) -> ThreadPoolExecutor:
@@ -577,8 +577,7 @@ class NativeDriver(Driver):
                 return codec.zeros(length)
             self.counters["clusters_read"] += 1
             within = offset - (c0 << self.cluster_bits)
-            data = self._read_cluster(c0, e, within + length)
-            return data if length == cs else data[within : within + length]
+            return self._read_cluster(c0, e, within, within + length)
         out = bytearray(length)
         jobs: list[tuple[int, int, int, int, Entry]] = []  # (out pos, cluster, within, n, entry)
         for kind, a, _b, e in self._runs(c0, c1):
