@@ -115,6 +115,24 @@ def test_random_read_admission_turns_off_when_it_does_not_pay(tmp_path):
         assert d.stats()["cache"]["hits"] == before + 8
 
 
+def test_read_pieces_are_the_read_and_stay_unchanged(tmp_path):
+    """read_pieces hands out slices of cached clusters without joining them; a later write
+    into a (dirty, cached) cluster must not change a piece already handed out."""
+    p = _native(tmp_path)
+    with vdisk.open(p, cache_mb=8, commit_interval=None) as d:
+        d.write(3 * 65536, b"X" * 65536)  # cluster 3 cached and dirty
+        for off, n in ((0, 5 * 65536), (1000, 300000), (3 * 65536 + 5, 70000), (7, 1)):
+            pieces = d.read_pieces(off, n)
+            assert sum(len(x) for x in pieces) == n
+            assert b"".join(pieces) == d.read(off, n)
+        pieces = d.read_pieces(2 * 65536, 3 * 65536)
+        before = b"".join(pieces)
+        d.write(3 * 65536 + 100, b"Y" * 1000)
+        d.write(2 * 65536 + 100, b"Z" * 1000)
+        assert b"".join(pieces) == before
+        assert d.read_pieces(0, 0) == []
+
+
 def test_random_reads_do_not_read_ahead(tmp_path):
     p = _raw(tmp_path)
     rng = random.Random(2)

@@ -231,8 +231,16 @@ class ClusterCache:
     # -- the operations --------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes:
+        pieces = self.read_pieces(offset, length)
+        if len(pieces) == 1 and isinstance(pieces[0], bytes):
+            return pieces[0]
+        return b"".join(pieces)
+
+    def read_pieces(self, offset: int, length: int) -> list[bytes | memoryview]:
+        """The bytes of [offset, offset+length) as consecutive immutable pieces (slices of
+        cached clusters, no joining copy): a front end can send them as they are."""
         if self.capacity == 0:
-            return self.load(offset, length)
+            return [self.load(offset, length)]
         cs = self.cs
         first = offset // cs
         last = (offset + length - 1) // cs
@@ -243,8 +251,8 @@ class ClusterCache:
         else:
             self._readahead = 0
             if first == last:  # a random read inside one cluster: the short way
-                return self._read_one(first, offset - first * cs, length)
-        pieces: list[bytes | bytearray | memoryview] = []
+                return [self._read_one(first, offset - first * cs, length)]
+        pieces: list[bytes | memoryview] = []
         idx = first
         while idx <= last:
             cl = self.entries.get(idx)
@@ -260,7 +268,10 @@ class ClusterCache:
                 self.entries.move_to_end(idx)
                 lo = offset - idx * cs if idx == first else 0
                 hi = offset + length - idx * cs if idx == last else len(cl)
-                pieces.append(memoryview(cl)[lo:hi] if lo or hi != len(cl) else cl)
+                if isinstance(cl, bytearray):  # dirty: a later write would change the piece
+                    pieces.append(bytes(cl[lo:hi]))
+                else:
+                    pieces.append(memoryview(cl)[lo:hi] if lo or hi != len(cl) else cl)
                 idx += 1
                 continue
             # a run of misses: fetch it (plus read-ahead past the end of the request) at once
@@ -289,9 +300,8 @@ class ClusterCache:
                 if fits:
                     self._insert(j, cl, False)
             idx = run_end
-        out = pieces[0] if len(pieces) == 1 and isinstance(pieces[0], bytes) else b"".join(pieces)
         self._evict()
-        return out
+        return pieces
 
     def _read_one(self, idx: int, lo: int, length: int) -> bytes:
         """A random read inside one cluster. A cluster is cached on its second miss (as in

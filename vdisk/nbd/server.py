@@ -587,7 +587,7 @@ class _Connection:
         disk = export.disk
         fua = bool(flags & P.CMD_FLAG_FUA)
         if cmd == P.CMD_READ:
-            return lambda: disk.read(offset, length) if length else b""
+            return lambda: disk.read_pieces(offset, length)  # sent as they are: no join
         if cmd == P.CMD_FLUSH:
             return disk.flush
         if cmd == P.CMD_BLOCK_STATUS:
@@ -644,8 +644,8 @@ class _Connection:
             if self.structured:
                 if not length:
                     return [P.structured_none(cookie)]
-                return [P.offset_data_header(cookie, offset, length), outcome.value]
-            return [P.simple_reply(cookie), outcome.value]
+                return [P.offset_data_header(cookie, offset, length), *outcome.value]
+            return [P.simple_reply(cookie), *outcome.value]
         if cmd == P.CMD_BLOCK_STATUS:
             return [P.block_status_chunk(cookie, 1, outcome.value)]
         return [P.simple_reply(cookie)]
