@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import urllib.parse
 from typing import Any
 
 import click
@@ -49,6 +50,9 @@ def check_bind(host: str, allow_remote: bool) -> None:
 
 
 def _url(host: str, port: int, name: str) -> str:
+    """The URI qemu and libnbd take; ``port`` 0 means ``host`` is a Unix socket's path."""
+    if not port:
+        return f"nbd+unix:///{urllib.parse.quote(name)}?socket={urllib.parse.quote(host)}"
     if ":" in host:
         host = f"[{host}]"
     return f"nbd://{host}:{port}/{name}"
@@ -59,6 +63,13 @@ def _url(host: str, port: int, name: str) -> str:
 @click.option("--bind", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
     "-p", "--port", type=int, default=10809, show_default=True, help="TCP port (0: any free one)."
+)
+@click.option(
+    "-k",
+    "--socket",
+    "socket_path",
+    default=None,
+    help="Listen on this Unix socket instead of TCP: nbd+unix:///NAME?socket=PATH.",
 )
 @click.option("-r", "--read-only", "readonly", is_flag=True, help="Refuse every write.")
 @click.option(
@@ -86,6 +97,7 @@ def serve(
     images: tuple[str, ...],
     bind: str,
     port: int,
+    socket_path: str | None,
     readonly: bool,
     snapshot: bool,
     fmt: str | None,
@@ -110,7 +122,19 @@ def serve(
         raise UsageError("--read-only and --snapshot do not go together")
     if not 0 <= port <= 65535:
         raise UsageError(f"--port {port}: not a TCP port (0..65535)")
-    check_bind(bind, allow_remote)
+    ctx = click.get_current_context()
+    if socket_path is not None:
+        tcp = [f"--{n.replace('_', '-')}" for n in ("bind", "port", "allow_remote")
+               if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]  # fmt: skip
+        if tcp:
+            raise UsageError(
+                f"--socket and {tcp[0]} do not go together (a Unix socket has no address)"
+            )
+        if not socket_path:
+            raise UsageError("--socket: empty path")
+        socket_path = os.path.abspath(socket_path)
+    else:
+        check_bind(bind, allow_remote)
     names = [os.path.basename(os.path.normpath(p)) for p in images]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -128,7 +152,7 @@ def serve(
                 )
             )
         server = Server(exports, default=names[0] if len(names) == 1 else None, threads=threads)
-        trio.run(_main, server, bind, port, pid_file)
+        trio.run(_main, server, bind, port, socket_path, pid_file)
     finally:
         failed: list[str] = []
         for e in reversed(exports):
@@ -143,14 +167,20 @@ def serve(
             raise VdiskError("closing failed: " + "; ".join(failed))
 
 
-async def _main(server: Any, bind: str, port: int, pid_file: str | None) -> None:
+async def _main(
+    server: Any, bind: str, port: int, socket_path: str | None, pid_file: str | None
+) -> None:
     import trio
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         try:
-            listeners = await server.listen(bind, port)
+            if socket_path is not None:
+                listeners = await server.listen_unix(socket_path)
+            else:
+                listeners = await server.listen(bind, port)
         except OSError as e:
-            raise VdiskError(f"cannot listen on {bind}:{port}: {e.strerror or e}") from None
+            where = socket_path if socket_path is not None else f"{bind}:{port}"
+            raise VdiskError(f"cannot listen on {where}: {e.strerror or e}") from None
         async with trio.open_nursery() as nursery:
             addrs = await nursery.start(server.serve, listeners)
             host, real_port = addrs[0]

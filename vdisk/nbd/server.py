@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -759,6 +761,8 @@ class Server:
         self.default = default
         self.limiter = trio.CapacityLimiter(threads)
         self.connections = 0
+        self.accepted = 0
+        self._unix: list[tuple[str, int, int]] = []  # socket files to remove at the end
 
     def lookup(self, name: str) -> Export | None:
         if name == "" and self.default is not None:
@@ -770,6 +774,32 @@ class Server:
         """The listening sockets (port 0: the kernel picks a free port)."""
         return await trio.open_tcp_listeners(port, host=host)
 
+    async def listen_unix(self, path: str) -> list[trio.SocketListener]:
+        """A listening Unix socket at ``path`` (as qemu-nbd -k): a stale socket file left
+        by a killed server is replaced; a live one, or any other file, is refused."""
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise VdiskError(f"{path}: exists and is not a socket")
+            probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                await probe.connect(path)
+            except OSError:
+                os.unlink(path)  # nobody listens: left behind by a server that died
+            else:
+                raise VdiskError(f"{path}: another server is listening on it")
+            finally:
+                probe.close()
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.bind(path)
+            sock.listen(socket.SOMAXCONN)
+            st = os.stat(path)
+        except BaseException:
+            sock.close()
+            raise
+        self._unix.append((path, st.st_dev, st.st_ino))
+        return [trio.SocketListener(sock)]
+
     async def serve(
         self,
         listeners: list[trio.SocketListener],
@@ -778,7 +808,7 @@ class Server:
     ) -> None:
         """Serve until cancelled; reports the bound (host, port)s once connections are
         accepted."""
-        addrs = [ln.socket.getsockname()[:2] for ln in listeners]
+        addrs = [_address(ln.socket.getsockname()) for ln in listeners]
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._commit_loop)
@@ -788,13 +818,21 @@ class Server:
             for e in self.exports.values():
                 if e.image is not None:
                     runtime.unpublish(e.image)
+            for path, dev, ino in self._unix:
+                try:
+                    st = os.lstat(path)
+                    if (st.st_dev, st.st_ino) == (dev, ino):  # still ours
+                        os.unlink(path)
+                except OSError:
+                    pass
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         try:
-            host, port = stream.socket.getpeername()[:2]
-            peer = f"{host}:{port}"
+            host, port = _address(stream.socket.getpeername())
+            peer = f"{host}:{port}" if port else f"unix socket #{self.accepted + 1}"
         except OSError:
             peer = "?"
+        self.accepted += 1
         self.connections += 1
         try:
             await _Connection(self, stream, peer).run()
@@ -814,6 +852,13 @@ class Server:
                         await trio.to_thread.run_sync(_commit_and_publish, e, limiter=self.limiter)
                 except VdiskError as exc:
                     log.error("%s: periodic commit failed: %s", e.name, describe(exc))
+
+
+def _address(name: Any) -> tuple[str, int]:
+    """(host, port) of a TCP socket address; (path, 0) of a Unix one."""
+    if isinstance(name, tuple):
+        return str(name[0]), int(name[1])
+    return (name.decode() if isinstance(name, bytes) else str(name)), 0
 
 
 def _commit_and_publish(e: Export) -> None:
