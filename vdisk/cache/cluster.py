@@ -162,8 +162,7 @@ class ClusterCache:
             self.used -= len(data)
             self.counters["evictions"] += 1
             if idx in self._trial:
-                self._trial.discard(idx)
-                self._judge(useful=False)
+                self._judge(idx, useful=False)
             if idx in self.dirty:
                 self.dirty.discard(idx)
                 victims.append((idx, data))
@@ -262,8 +261,7 @@ class ClusterCache:
             elif cl is not None:
                 self.counters["hits"] += 1
                 if idx in self._trial:
-                    self._trial.discard(idx)
-                    self._judge(useful=True)
+                    self._judge(idx, useful=True)
             if cl is not None:
                 self.entries.move_to_end(idx)
                 lo = offset - idx * cs if idx == first else 0
@@ -334,8 +332,7 @@ class ClusterCache:
             self.counters["hits"] += 1
             self.entries.move_to_end(idx)
             if idx in self._trial:
-                self._trial.discard(idx)
-                self._judge(useful=True)
+                self._judge(idx, useful=True)
         return bytes(cl[lo : lo + length]) if lo or length != len(cl) else bytes(cl)
 
     def _admit_after(self) -> int:
@@ -345,7 +342,9 @@ class ClusterCache:
         a third miss, much rarer, admits), but yes for a working set that fits."""
         return 2 if self._wasted <= ADMIT_MAX_WASTE * self._useful else 3
 
-    def _judge(self, useful: bool) -> None:
+    def _judge(self, idx: int, useful: bool) -> None:
+        """Cluster ``idx``, admitted on trial, was hit (useful) or evicted unused."""
+        self._trial.discard(idx)
         if useful:
             self._useful += 1
         else:
@@ -438,6 +437,7 @@ class ClusterCache:
             if cl is not None:
                 self.used -= len(cl)
             self.dirty.discard(idx)
+            self._trial.discard(idx)
         mid_end = min(last * cs, self.size)
         below(first * cs, mid_end - first * cs)
         tail = offset + length - mid_end
