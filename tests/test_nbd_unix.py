@@ -32,10 +32,11 @@ def _image(path: Path) -> Path:
 class UnixServed:
     """A `vdisk serve --socket` subprocess; stopped (killed if need be) by the fixture."""
 
-    def __init__(self, image: Path, sock: Path) -> None:
+    def __init__(self, image: Path, sock: Path, *args: str) -> None:
         self.sock = sock
+        self.err = ""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vdisk", "serve", str(image), "--socket", str(sock)],
+            [sys.executable, "-m", "vdisk", "serve", str(image), "--socket", str(sock), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -55,6 +56,8 @@ class UnixServed:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc.stderr and not self.proc.stderr.closed:
+            self.err = self.proc.stderr.read()
         for f in (self.proc.stdout, self.proc.stderr):
             if f:
                 f.close()
