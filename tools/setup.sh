@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
-PKGS="fuse3 libfuse3-dev pkg-config qemu-utils libnbd-bin nbdkit e2fsprogs fdisk util-linux kmod fio"
+PKGS="fuse3 libfuse3-dev pkg-config qemu-utils libnbd-bin nbdkit e2fsprogs fdisk util-linux kmod fio openssl"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import urllib.parse
 from typing import Any
@@ -49,13 +50,46 @@ def check_bind(host: str, allow_remote: bool) -> None:
         )
 
 
-def _url(host: str, port: int, name: str) -> str:
+def _url(host: str, port: int, name: str, tls: bool = False) -> str:
     """The URI qemu and libnbd take; ``port`` 0 means ``host`` is a Unix socket's path."""
+    scheme = "nbds" if tls else "nbd"
     if not port:
-        return f"nbd+unix:///{urllib.parse.quote(name)}?socket={urllib.parse.quote(host)}"
+        return f"{scheme}+unix:///{urllib.parse.quote(name)}?socket={urllib.parse.quote(host)}"
     if ":" in host:
         host = f"[{host}]"
-    return f"nbd://{host}:{port}/{name}"
+    return f"{scheme}://{host}:{port}/{name}"
+
+
+def _tls_context(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext | None:
+    """The server's TLS settings (TLS 1.2 or later), or None without --tls-cert."""
+    if cert is None:
+        if key is not None or ca is not None:
+            raise UsageError("--tls-key and --tls-ca need --tls-cert")
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        what = f"--tls-cert {cert}" + (f" / --tls-key {key}" if key else "")
+        raise UsageError(
+            f"{what}: cannot load the certificate and its key: {_ssl_reason(e)}"
+        ) from None
+    if ca is not None:
+        try:
+            ctx.load_verify_locations(cafile=ca)
+        except (OSError, ssl.SSLError) as e:
+            raise UsageError(f"--tls-ca {ca}: cannot load: {_ssl_reason(e)}") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _ssl_reason(e: Exception) -> str:
+    if isinstance(e, ssl.SSLError):
+        return str(e.reason or e)
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    return str(e)
 
 
 @click.command()
@@ -70,6 +104,17 @@ def _url(host: str, port: int, name: str) -> str:
     "socket_path",
     default=None,
     help="Listen on this Unix socket instead of TCP: nbd+unix:///NAME?socket=PATH.",
+)
+@click.option(
+    "--tls-cert",
+    default=None,
+    help="Require TLS of every client, with this PEM certificate (chain) of the server.",
+)
+@click.option("--tls-key", default=None, help="The PEM private key of --tls-cert.")
+@click.option(
+    "--tls-ca",
+    default=None,
+    help="Also require a client certificate signed by a CA in this PEM file.",
 )
 @click.option("-r", "--read-only", "readonly", is_flag=True, help="Refuse every write.")
 @click.option(
@@ -98,6 +143,9 @@ def serve(
     bind: str,
     port: int,
     socket_path: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca: str | None,
     readonly: bool,
     snapshot: bool,
     fmt: str | None,
@@ -135,6 +183,7 @@ def serve(
         socket_path = os.path.abspath(socket_path)
     else:
         check_bind(bind, allow_remote)
+    tls = _tls_context(tls_cert, tls_key, tls_ca)
     names = [os.path.basename(os.path.normpath(p)) for p in images]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -151,7 +200,9 @@ def serve(
                     name, disk, readonly=readonly, description=f"{path} ({disk.format})", image=path
                 )
             )
-        server = Server(exports, default=names[0] if len(names) == 1 else None, threads=threads)
+        server = Server(
+            exports, default=names[0] if len(names) == 1 else None, threads=threads, tls=tls
+        )
         trio.run(_main, server, bind, port, socket_path, pid_file)
     finally:
         failed: list[str] = []
@@ -186,9 +237,11 @@ async def _main(
             host, real_port = addrs[0]
             for export in server.exports.values():
                 also = ""
+                tls = server.tls is not None
                 if server.default == export.name:
-                    also = f" (and as the default export {_url(host, real_port, '')})"
-                click.echo(f"serving {export.image} as {_url(host, real_port, export.name)}{also}")
+                    also = f" (and as the default export {_url(host, real_port, '', tls)})"
+                url = _url(host, real_port, export.name, tls)
+                click.echo(f"serving {export.image} as {url}{also}")
             sys.stdout.flush()
             if pid_file:
                 tmp = f"{pid_file}.tmp"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import stat
 import time
 from collections.abc import Callable, Iterable
@@ -135,6 +136,7 @@ class _Reader:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.tls: ssl.SSLSocket | None = None  # after NBD_OPT_STARTTLS: reads decrypt
         self.buf = bytearray(RECV_SIZE)
         self.view = memoryview(self.buf)
         self.pos = 0  # unread bytes are buf[pos:end]
@@ -160,7 +162,8 @@ class _Reader:
             elif len(self.buf) - self.pos < n or self.end == len(self.buf):
                 self._make_room(n)
             try:
-                k = os.readv(self.fd, (self.view[self.end :],))
+                view = self.view[self.end :]
+                k = os.readv(self.fd, (view,)) if self.tls is None else _tls_recv(self.tls, view)
             except BlockingIOError:
                 k = self._poll() if self.poll_ns else -1
                 if k < 0:
@@ -181,7 +184,7 @@ class _Reader:
         view = self.view[self.end :]
         while time.perf_counter_ns() < deadline:
             try:
-                return os.readv(self.fd, (view,))
+                return os.readv(self.fd, (view,)) if self.tls is None else _tls_recv(self.tls, view)
             except BlockingIOError:
                 pass
         return -1
@@ -217,7 +220,8 @@ class _Reader:
         got = have
         while got < n:
             try:
-                k = os.readv(self.fd, (view[got:],))
+                part = view[got:]
+                k = os.readv(self.fd, (part,)) if self.tls is None else _tls_recv(self.tls, part)
             except BlockingIOError:
                 self.waits += 1
                 await trio.lowlevel.wait_readable(self.fd)
@@ -289,7 +293,8 @@ class _Connection:
             while bufs:
                 batch = bufs[:IOV_MAX]
                 try:
-                    n = os.writev(self.fd, batch)
+                    tls = self.reader.tls
+                    n = os.writev(self.fd, batch) if tls is None else _tls_send(tls, batch)
                 except BlockingIOError:
                     n = 0
                 short = n < _nbytes(batch)
@@ -327,6 +332,9 @@ class _Connection:
             log.warning("%s: dropped: %s", self.peer, eg.exceptions[0])
         except* trio.TooSlowError:
             log.warning("%s: dropped: no export chosen within %ss", self.peer, HANDSHAKE_TIMEOUT)
+        finally:
+            if self.reader.tls is not None:
+                self.reader.tls.close()  # the duplicate descriptor; trio closes the socket
 
     async def handshake(self) -> tuple[Export, bool] | None:
         r = self.reader
@@ -362,6 +370,8 @@ class _Connection:
     async def option(self, opt: int, data: bytes, no_zeroes: bool) -> Any:
         """Handle one option; a (export, meta) pair enters transmission, False ends."""
         srv = self.server
+        if srv.tls is not None and self.reader.tls is None:
+            return await self.before_tls(opt, data)
         if opt == P.OPT_EXPORT_NAME:
             name = _decode(data)
             export = srv.lookup(name) if name is not None else None
@@ -390,8 +400,56 @@ class _Connection:
         if opt in (P.OPT_LIST_META_CONTEXT, P.OPT_SET_META_CONTEXT):
             return await self.meta_context(opt, data)
         if opt == P.OPT_STARTTLS:
-            return await self.error(opt, P.REP_ERR_POLICY, "TLS is not supported by this server")
+            if srv.tls is not None:
+                return await self.error(opt, P.REP_ERR_INVALID, "TLS is already in use")
+            return await self.error(opt, P.REP_ERR_POLICY, "TLS is not enabled on this server")
         return await self.error(opt, P.REP_ERR_UNSUP, f"option {opt} is not supported")
+
+    async def before_tls(self, opt: int, data: bytes) -> Any:
+        """A server with TLS serves nothing in the clear (proto.md, "forced TLS"): every
+        option but STARTTLS and ABORT is refused; EXPORT_NAME, which has no error reply,
+        ends the connection."""
+        if opt == P.OPT_STARTTLS:
+            if data:
+                return await self.error(opt, P.REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+            await self.reply(opt, P.REP_ACK)
+            return await self.start_tls()
+        if opt == P.OPT_ABORT:
+            await self.reply(opt, P.REP_ACK)
+            return False
+        if opt == P.OPT_EXPORT_NAME:
+            raise P.ProtocolError("NBD_OPT_EXPORT_NAME without TLS on a server that requires it")
+        return await self.error(opt, P.REP_ERR_TLS_REQD, "TLS is required: NBD_OPT_STARTTLS first")
+
+    async def start_tls(self) -> None:
+        """The TLS handshake on the connection (a duplicate descriptor wrapped by the ssl
+        module, non-blocking, waited for through trio); then every byte goes through it."""
+        r = self.reader
+        assert self.server.tls is not None
+        if r.end != r.pos:
+            raise P.ProtocolError("data sent after NBD_OPT_STARTTLS before the TLS handshake")
+        raw = socket.socket(fileno=os.dup(self.fd))
+        raw.setblocking(False)
+        tls = self.server.tls.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        self.current = "the TLS handshake"
+        try:
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    await trio.lowlevel.wait_readable(self.fd)
+                except ssl.SSLWantWriteError:
+                    await trio.lowlevel.wait_writable(self.fd)
+        except ssl.SSLError as e:
+            tls.close()
+            raise P.ProtocolError(f"TLS handshake failed: {e.reason or e}") from None
+        except BaseException:
+            tls.close()
+            raise
+        self.current = None
+        r.tls = tls
+        log.info("%s: TLS (%s, %s)", self.peer, tls.version(), (tls.cipher() or ("?",))[0])
 
     async def info_or_go(self, opt: int, data: bytes) -> Any:
         if len(data) < 6:
@@ -754,12 +812,14 @@ class Server:
         *,
         default: str | None = None,
         threads: int = DEFAULT_THREADS,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.exports = {e.name: e for e in exports}
         if len(self.exports) != len(exports):
             raise VdiskError("two exports have the same name")
         self.default = default
         self.limiter = trio.CapacityLimiter(threads)
+        self.tls = tls  # set: TLS is required of every client
         self.connections = 0
         self.accepted = 0
         self._unix: list[tuple[str, int, int]] = []  # socket files to remove at the end
@@ -852,6 +912,29 @@ class Server:
                         await trio.to_thread.run_sync(_commit_and_publish, e, limiter=self.limiter)
                 except VdiskError as exc:
                     log.error("%s: periodic commit failed: %s", e.name, describe(exc))
+
+
+def _tls_recv(tls: ssl.SSLSocket, view: memoryview) -> int:
+    """``os.readv`` through TLS: BlockingIOError when no whole record is there yet."""
+    try:
+        return tls.recv_into(view)
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        raise BlockingIOError from None
+    except ssl.SSLZeroReturnError:
+        return 0
+    except ssl.SSLError as e:
+        raise P.ProtocolError(f"TLS: {e.reason or e}") from None
+
+
+def _tls_send(tls: ssl.SSLSocket, batch: list[Any]) -> int:
+    """``os.writev`` through TLS. After a would-block the same bytes are offered again
+    (the send loop keeps them), as OpenSSL requires of a retried write."""
+    try:
+        return tls.send(b"".join(batch))
+    except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+        raise BlockingIOError from None
+    except ssl.SSLError as e:
+        raise P.ProtocolError(f"TLS: {e.reason or e}") from None
 
 
 def _address(name: Any) -> tuple[str, int]:

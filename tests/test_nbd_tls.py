@@ -1,0 +1,171 @@
+"""`vdisk serve --tls-cert/--tls-key [--tls-ca]`: NBD over TLS with real clients (qemu-img,
+qemu-io, nbdinfo, nbdcopy), certificates made by openssl.
+
+A server with TLS serves nothing in the clear: a plain client is refused with
+NBD_REP_ERR_TLS_REQD, and with --tls-ca a client without a certificate from that CA never
+gets past the handshake."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import vdisk
+from tests.conftest import need, pattern, run, vdisk_cli
+from tests.test_nbd import _env
+
+MiB = 1 << 20
+SIZE = 8 * MiB
+
+
+def _openssl(*args: str) -> None:
+    run(["openssl", *args])
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, in the file
+    names qemu's tls-creds-x509 and libnbd's tls-certificates look for."""
+    need("openssl")
+    d = tmp_path_factory.mktemp("tls")
+    days = ("-days", "2")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{d}/ca-key.pem",
+             "-out", f"{d}/ca-cert.pem", *days, "-subj", "/CN=vdisk test CA")  # fmt: skip
+    for who, ext in (
+        ("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ):
+        (d / f"{who}.ext").write_text("basicConstraints=CA:FALSE\n" + ext)
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{d}/{who}-key.pem",
+                 "-out", f"{d}/{who}.csr", "-subj", f"/CN={who}")  # fmt: skip
+        _openssl("x509", "-req", "-in", f"{d}/{who}.csr", "-CA", f"{d}/ca-cert.pem",
+                 "-CAkey", f"{d}/ca-key.pem", "-CAcreateserial", "-out", f"{d}/{who}-cert.pem",
+                 *days, "-extfile", f"{d}/{who}.ext")  # fmt: skip
+    return d
+
+
+class TlsServed:
+    def __init__(self, image: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vdisk", "serve", str(image), "--port", "0", "-v", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert "nbds://127.0.0.1:" in line, (line, self.proc.stderr and self.proc.stderr.read())
+        self.port = int(line.split("nbds://127.0.0.1:")[1].split("/")[0])
+        self.err = ""
+
+    def qemu(self, creds: Path) -> list[str]:
+        """qemu's arguments for this server's default export over TLS."""
+        return [
+            "--object", f"tls-creds-x509,id=tls0,dir={creds},endpoint=client",
+            "--image-opts",
+            f"driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={self.port},"
+            "tls-creds=tls0",
+        ]  # fmt: skip
+
+    def url(self, creds: Path) -> str:
+        return f"nbds://127.0.0.1:{self.port}/?tls-certificates={creds}"
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stderr and not self.proc.stderr.closed:
+            self.err = self.proc.stderr.read()
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f:
+                f.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def serve_tls() -> Iterator:
+    need("qemu-img")
+    servers: list[TlsServed] = []
+
+    def start(image: Path, *args: str) -> TlsServed:
+        s = TlsServed(image, *args)
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def _image(path: Path) -> Path:
+    vdisk.create(str(path), SIZE, format="vdisk")
+    with vdisk.open(str(path)) as d:
+        d.write(0, pattern(0, SIZE))
+    return path
+
+
+def test_clients_over_tls_and_plain_ones_refused(tmp_path, certs, serve_tls):
+    need("qemu-io")
+    img = _image(tmp_path / "a.vdisk")
+    s = serve_tls(img, "--tls-cert", f"{certs}/server-cert.pem", "--tls-key",
+                  f"{certs}/server-key.pem")  # fmt: skip
+    ref = tmp_path / "ref.raw"
+    ref.write_bytes(pattern(0, SIZE))
+    q = s.qemu(certs)
+    run(["qemu-img", "compare", q[0], q[1], "--image-opts", f"driver=file,filename={ref}", q[3]])
+    w = ["qemu-io", *q, "-c", "write -P 0x5a 65000 3000000", "-c", "flush"]
+    run(w)
+    run(["qemu-io", *q, "-c", "read -P 0x5a 65000 3000000"])
+    if shutil.which("nbdcopy"):  # libnbd's TLS (GnuTLS), several connections
+        out = tmp_path / "copy.raw"
+        run(["nbdcopy", s.url(certs), str(out)])
+        want = bytearray(pattern(0, SIZE))
+        want[65000 : 65000 + 3000000] = b"\x5a" * 3000000
+        assert out.read_bytes() == bytes(want)
+    p = run(["qemu-img", "info", f"nbd://127.0.0.1:{s.port}/"], check=False)
+    assert p.returncode != 0 and "TLS" in p.stderr, p
+    run(["qemu-img", "info", *q[:2], "--image-opts", q[3]])  # the server is unharmed
+    assert s.stop() == 0, s.err
+    assert "Traceback" not in s.err and "internal error" not in s.err, s.err
+    with vdisk.open(str(img), readonly=True) as d:
+        assert d.read(65000, 3000000) == b"\x5a" * 3000000
+
+
+def test_client_certificates_required_with_a_ca(tmp_path, certs, serve_tls):
+    img = _image(tmp_path / "a.vdisk")
+    s = serve_tls(img, "--tls-cert", f"{certs}/server-cert.pem", "--tls-key",
+                  f"{certs}/server-key.pem", "--tls-ca", f"{certs}/ca-cert.pem")  # fmt: skip
+    run(["qemu-img", "info", *s.qemu(certs)[:2], "--image-opts", s.qemu(certs)[3]])
+    anonymous = tmp_path / "anon"
+    anonymous.mkdir()
+    shutil.copy(certs / "ca-cert.pem", anonymous / "ca-cert.pem")  # trusts the server only
+    q = s.qemu(anonymous)
+    p = run(["qemu-img", "info", q[0], q[1], "--image-opts", q[3]], check=False)
+    assert p.returncode != 0, p
+    run(["qemu-img", "info", *s.qemu(certs)[:2], "--image-opts", s.qemu(certs)[3]])
+    assert s.stop() == 0
+    assert "TLS handshake failed" in s.err, s.err
+    assert "Traceback" not in s.err, s.err
+
+
+def test_tls_option_errors_are_one_line(tmp_path, certs):
+    img = _image(tmp_path / "a.vdisk")
+    p = vdisk_cli("serve", str(img), "--tls-key", f"{certs}/server-key.pem", check=False)
+    assert p.returncode == 2 and "need --tls-cert" in p.stderr, p
+    p = vdisk_cli("serve", str(img), "--tls-cert", f"{certs}/server-cert.pem",
+                  "--tls-key", f"{certs}/client-key.pem", check=False)  # fmt: skip
+    assert p.returncode == 2 and "cannot load the certificate" in p.stderr, p
+    p = vdisk_cli("serve", str(img), "--tls-cert", str(tmp_path / "missing.pem"), check=False)
+    assert p.returncode == 2 and "missing.pem" in p.stderr, p
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
