@@ -31,23 +31,25 @@ def _setup_logging(verbose: int, logfile: str | None) -> None:
     root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
 
 
-def check_bind(host: str, allow_remote: bool) -> None:
-    """Refuse an address other machines can reach unless the user said so: NBD has no
-    authentication, whoever connects can read and write the disk."""
+def check_bind(host: str, allow_remote: bool) -> list[str]:
+    """Refuse an address other machines can reach unless the user said so: without
+    client certificates (--tls-ca) whoever connects can read and write the disk. Returns
+    the addresses other machines can reach."""
     try:
         infos = socket.getaddrinfo(host or None, None, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise UsageError(f"--bind {host!r}: cannot resolve: {e.strerror}") from None
     remote = [
-        ai[4][0]
+        str(ai[4][0])
         for ai in infos
         if not ipaddress.ip_address(str(ai[4][0]).split("%")[0]).is_loopback
     ]
     if remote and not allow_remote:
         raise UsageError(
             f"--bind {host!r} is reachable from other machines ({remote[0]}) and NBD has no "
-            "authentication: pass --allow-remote to do it anyway"
+            "authentication without --tls-ca: pass --allow-remote to do it anyway"
         )
+    return remote
 
 
 def _url(host: str, port: int, name: str, tls: bool = False) -> str:
@@ -181,9 +183,15 @@ def serve(
         if not socket_path:
             raise UsageError("--socket: empty path")
         socket_path = os.path.abspath(socket_path)
-    else:
-        check_bind(bind, allow_remote)
     tls = _tls_context(tls_cert, tls_key, tls_ca)
+    if socket_path is None and check_bind(bind, allow_remote) and tls_ca is None:
+        log.warning(
+            "--bind %s: other machines can connect, and without --tls-ca anyone who does can "
+            "read%s the disk%s",
+            bind,
+            "" if readonly else " and write",
+            "" if tls is not None else " (and without --tls-cert, see every byte on the wire)",
+        )
     names = [os.path.basename(os.path.normpath(p)) for p in images]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
