@@ -298,3 +298,16 @@ def test_small_sequential_writes_fill_clusters_without_reading_them(tmp_path):
         assert d.read(0, 1 << 20) == new
     with vdisk.open(p, readonly=True) as d:
         assert d.read(0, 2 << 20) == new + pattern(1 << 20, 1 << 20)
+
+
+def test_prefetch_loads_checked_clusters_up_to_half_the_cache(tmp_path):
+    p = _native(tmp_path)
+    with vdisk.open(p, cache_mb=1, readonly=True) as d:  # 16 clusters of 64 KiB
+        assert d.prefetch(65536 + 5, 3 * 65536) == 4  # clusters 1..4
+        assert d.prefetch(65536, 65536) == 0  # already there
+        assert d.prefetch(0, 8 << 20) == 4  # half the cache: clusters 0..7, of which 1..4 are in
+        hits = d.stats()["cache"]["hits"]
+        assert d.read(2 * 65536 + 100, 4096) == pattern(2 * 65536 + 100, 4096)
+        assert d.stats()["cache"]["hits"] == hits + 1
+    with vdisk.open(p, cache_mb=0, readonly=True) as d:
+        assert d.prefetch(0, 1 << 20) == 0

@@ -301,6 +301,31 @@ class ClusterCache:
         self._evict()
         return pieces
 
+    def prefetch(self, offset: int, length: int) -> int:
+        """Load the clusters of a range that are not cached, verified, as read-ahead does
+        (at most half the cache: the rest stays for what is in use); how many were loaded."""
+        cs = self.cs
+        if self.capacity == 0 or length == 0:
+            return 0
+        first = offset // cs
+        last = min((offset + length - 1) // cs, first + self.capacity // 2 // cs - 1)
+        loaded = 0
+        idx = first
+        while idx <= last:
+            if idx in self.entries:
+                idx += 1
+                continue
+            end = idx
+            while end <= last and end not in self.entries:
+                end += 1
+            for k, cl in enumerate(self._fetch(idx, end - idx)):
+                self._insert(idx + k, cl, False)
+            loaded += end - idx
+            idx = end
+        self.counters["readahead_clusters"] += loaded
+        self._evict()
+        return loaded
+
     def _read_one(self, idx: int, lo: int, length: int) -> bytes:
         """A random read inside one cluster. A cluster is cached on its second miss (as in
         2Q), or its third while that does not pay (:meth:`_admit_after`): the misses before

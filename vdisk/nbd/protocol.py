@@ -107,6 +107,7 @@ ALLOWED_CMD_FLAGS = {
     CMD_TRIM: CMD_FLAG_FUA,
     CMD_WRITE_ZEROES: CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
     CMD_BLOCK_STATUS: CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+    CMD_CACHE: CMD_FLAG_FUA,
 }
 
 # -- structured reply flags and types -------------------------------------------------------

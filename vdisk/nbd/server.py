@@ -102,6 +102,7 @@ class Export:
 
     def transmission_flags(self, structured: bool) -> int:
         flags = P.FLAG_HAS_FLAGS | P.FLAG_SEND_FLUSH | P.FLAG_SEND_FUA | P.FLAG_CAN_MULTI_CONN
+        flags |= P.FLAG_SEND_CACHE
         if self.readonly:
             flags |= P.FLAG_READ_ONLY
         else:
@@ -248,6 +249,7 @@ class _Outcome:
 
 
 _BUSY = object()
+_READING = frozenset((P.CMD_READ, P.CMD_BLOCK_STATUS, P.CMD_CACHE))  # never commit
 
 
 def _error_of(exc: BaseException, where: str) -> tuple[int, str]:
@@ -630,7 +632,7 @@ class _Connection:
     def inline_ok(self, export: Export, cmd: int, flags: int, length: int) -> bool:
         if cmd == P.CMD_FLUSH or flags & P.CMD_FLAG_FUA or length > INLINE_MAX:
             return False
-        if cmd != P.CMD_READ and cmd != P.CMD_BLOCK_STATUS and export.disk.commit_due(slack=1.0):
+        if cmd not in _READING and export.disk.commit_due(slack=1.0):
             return False  # this write would run the periodic commit: not on the event loop
         return export._avg_ns < SLOW_CALL_NS
 
@@ -652,6 +654,8 @@ class _Connection:
             return disk.flush
         if cmd == P.CMD_BLOCK_STATUS:
             return lambda: _descriptors(disk.block_status(offset, length), flags, length)
+        if cmd == P.CMD_CACHE:
+            return lambda: disk.prefetch(offset, length)
 
         def write() -> None:
             if length:
