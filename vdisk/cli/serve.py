@@ -105,17 +105,20 @@ def _ssl_reason(e: Exception) -> str:
     "--socket",
     "socket_path",
     default=None,
+    metavar="PATH",
     help="Listen on this Unix socket instead of TCP: nbd+unix:///NAME?socket=PATH.",
 )
 @click.option(
     "--tls-cert",
     default=None,
+    metavar="FILE",
     help="Require TLS of every client, with this PEM certificate (chain) of the server.",
 )
-@click.option("--tls-key", default=None, help="The PEM private key of --tls-cert.")
+@click.option("--tls-key", default=None, metavar="FILE", help="The PEM private key of --tls-cert.")
 @click.option(
     "--tls-ca",
     default=None,
+    metavar="FILE",
     help="Also require a client certificate signed by a CA in this PEM file.",
 )
 @click.option("-r", "--read-only", "readonly", is_flag=True, help="Refuse every write.")
