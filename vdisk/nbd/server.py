@@ -321,6 +321,8 @@ class _Connection:
                 log.info("%s: connected to export %r", self.peer, export.name)
                 await self.transmission(export, meta)
                 log.info("%s: disconnected", self.peer)
+            else:
+                log.info("%s: disconnected (NBD_OPT_ABORT during the handshake)", self.peer)
         except* _Closed:
             if self.current:
                 log.warning(
