@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
+import ssl
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +21,7 @@ import pytest
 
 import vdisk
 from tests.conftest import need, pattern, run, vdisk_cli
-from tests.test_nbd import _env
+from tests.test_nbd import RawClient, _env
 
 MiB = 1 << 20
 SIZE = 8 * MiB
@@ -169,3 +172,38 @@ def test_tls_option_errors_are_one_line(tmp_path, certs):
     p = vdisk_cli("serve", str(img), "--tls-cert", str(tmp_path / "missing.pem"), check=False)
     assert p.returncode == 2 and "missing.pem" in p.stderr, p
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+
+
+def test_forced_tls_at_the_protocol_level(tmp_path, certs, serve_tls):
+    """What proto.md asks of a server that requires TLS, seen from a raw socket."""
+    opt_list, opt_export_name, opt_starttls, opt_go = 3, 1, 5, 7
+    rep_ack, rep_err_invalid, rep_err_tls_reqd = 1, 2**31 + 3, 2**31 + 5
+    img = _image(tmp_path / "a.vdisk")
+    s = serve_tls(img, "--tls-cert", f"{certs}/server-cert.pem", "--tls-key",
+                  f"{certs}/server-key.pem")  # fmt: skip
+    with RawClient(s.port) as c:
+        assert c.option(opt_list)[-1][0] == rep_err_tls_reqd
+        assert c.option(opt_go, b"\0" * 6)[-1][0] == rep_err_tls_reqd
+        assert c.option(opt_starttls, b"x")[-1][0] == rep_err_invalid
+        assert c.option(opt_starttls)[-1][0] == rep_ack
+        ctx = ssl.create_default_context(cafile=str(certs / "ca-cert.pem"))
+        c.sock = ctx.wrap_socket(c.sock, server_hostname="127.0.0.1")
+        assert c.option(opt_starttls)[-1][0] == rep_err_invalid  # already in TLS
+        size = c.go("", structured=True)
+        assert size == SIZE
+        c.send_request(0, 7, 3 * MiB + 5, 70000)  # READ, through TLS
+        err, cookie, _typ, payload = c.reply()
+        assert (err, cookie) == (0, 7) and payload[8:] == pattern(3 * MiB + 5, 70000)
+    with RawClient(s.port) as c:  # STARTTLS, then no TLS at all: dropped
+        assert c.option(opt_starttls)[-1][0] == rep_ack
+        c.sock.sendall(b"GET / HTTP/1.0\r\n\r\n" * 10)
+        with pytest.raises((EOFError, ConnectionError, socket.timeout)):
+            c.recv(1)
+    with RawClient(s.port) as c:  # EXPORT_NAME in the clear has no error reply: dropped
+        c.sock.sendall(struct.pack(">QII", 0x49484156454F5054, opt_export_name, 0))
+        with pytest.raises((EOFError, ConnectionError, socket.timeout)):
+            c.recv(1)
+    run(["qemu-img", "info", *s.qemu(certs)[:2], "--image-opts", s.qemu(certs)[3]])
+    assert s.stop() == 0
+    assert "TLS handshake failed" in s.err and "without TLS" in s.err, s.err
+    assert "Traceback" not in s.err and "internal error" not in s.err, s.err
