@@ -123,6 +123,11 @@ def _ssl_reason(e: Exception) -> str:
 )
 @click.option("-r", "--read-only", "readonly", is_flag=True, help="Refuse every write.")
 @click.option(
+    "--export-snapshots",
+    is_flag=True,
+    help="Also serve each internal snapshot of the images, read-only, as IMAGE@SNAPSHOT.",
+)
+@click.option(
     "-s",
     "--snapshot",
     is_flag=True,
@@ -152,6 +157,7 @@ def serve(
     tls_key: str | None,
     tls_ca: str | None,
     readonly: bool,
+    export_snapshots: bool,
     snapshot: bool,
     fmt: str | None,
     cache_mb: float | None,
@@ -211,6 +217,8 @@ def serve(
                     name, disk, readonly=readonly, description=f"{path} ({disk.format})", image=path
                 )
             )
+            if export_snapshots:
+                exports += _snapshot_exports(path, name, disk)
         server = Server(
             exports, default=names[0] if len(names) == 1 else None, threads=threads, tls=tls
         )
@@ -221,12 +229,30 @@ def serve(
             try:
                 e.disk.close()
             except VdiskError as exc:
-                failed.append(f"{e.image}: {describe(exc)}")
+                failed.append(f"{e.image or e.description}: {describe(exc)}")
         if pid_file:
             with contextlib.suppress(OSError):
                 os.unlink(pid_file)
         if failed:
             raise VdiskError("closing failed: " + "; ".join(failed))
+
+
+def _snapshot_exports(path: str, name: str, disk: Any) -> list[Any]:
+    """A read-only export per internal snapshot, as FUSE shows snapshots/NAME: a backup can
+    read a consistent state over NBD while the disk itself stays in use."""
+    from vdisk.nbd.server import Export
+
+    try:
+        snaps = disk.snapshots.list()
+    except VdiskError as e:
+        log.warning("%s: no snapshots to export: %s", path, describe(e))
+        return []
+    out = []
+    for sn in snaps:
+        view = disk.snapshots.open(sn.name)
+        desc = f"{path}, snapshot {sn.name!r} ({disk.format})"
+        out.append(Export(f"{name}@{sn.name}", view, readonly=True, description=desc))
+    return out
 
 
 async def _main(
@@ -252,7 +278,7 @@ async def _main(
                 if server.default == export.name:
                     also = f" (and as the default export {_url(host, real_port, '', tls)})"
                 url = _url(host, real_port, export.name, tls)
-                click.echo(f"serving {export.image} as {url}{also}")
+                click.echo(f"serving {export.image or export.description} as {url}{also}")
             sys.stdout.flush()
             if pid_file:
                 tmp = f"{pid_file}.tmp"
