@@ -433,8 +433,12 @@ class _Connection:
         if r.end != r.pos:
             raise P.ProtocolError("data sent after NBD_OPT_STARTTLS before the TLS handshake")
         raw = socket.socket(fileno=os.dup(self.fd))
-        raw.setblocking(False)
-        tls = self.server.tls.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        try:
+            raw.setblocking(False)
+            tls = self.server.tls.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        except BaseException:
+            raw.close()
+            raise
         self.current = "the TLS handshake"
         try:
             while True:
@@ -849,8 +853,12 @@ class Server:
             probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 await probe.connect(path)
-            except OSError:
+            except ConnectionRefusedError:
                 os.unlink(path)  # nobody listens: left behind by a server that died
+            except OSError as e:
+                raise VdiskError(
+                    f"{path}: cannot tell whether it is in use: {e.strerror}"
+                ) from None
             else:
                 raise VdiskError(f"{path}: another server is listening on it")
             finally:
