@@ -169,6 +169,12 @@ def test_tls_option_errors_are_one_line(tmp_path, certs):
     p = vdisk_cli("serve", str(img), "--tls-cert", f"{certs}/server-cert.pem",
                   "--tls-key", f"{certs}/client-key.pem", check=False)  # fmt: skip
     assert p.returncode == 2 and "cannot load the certificate" in p.stderr, p
+    enc = tmp_path / "enc-key.pem"  # a key with a passphrase: refused, never a prompt
+    _openssl("pkey", "-in", f"{certs}/server-key.pem", "-aes256", "-passout", "pass:x",
+             "-out", str(enc))  # fmt: skip
+    p = vdisk_cli("serve", str(img), "--tls-cert", f"{certs}/server-cert.pem",
+                  "--tls-key", str(enc), check=False, timeout=30)  # fmt: skip
+    assert p.returncode == 2 and "private key is encrypted" in p.stderr, p
     p = vdisk_cli("serve", str(img), "--tls-cert", str(tmp_path / "missing.pem"), check=False)
     assert p.returncode == 2 and "missing.pem" in p.stderr, p
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr

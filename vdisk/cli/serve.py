@@ -70,8 +70,15 @@ def _tls_context(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLCo
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+
+    def encrypted() -> bytes:  # instead of asking on the terminal: no prompt in a service
+        raise UsageError(
+            f"{key or cert}: the private key is encrypted; give vdisk serve an unencrypted "
+            "key file (readable only by the server's user)"
+        )
+
     try:
-        ctx.load_cert_chain(cert, key)
+        ctx.load_cert_chain(cert, key, password=encrypted)
     except (OSError, ssl.SSLError) as e:
         what = f"--tls-cert {cert}" + (f" / --tls-key {key}" if key else "")
         raise UsageError(
