@@ -55,11 +55,12 @@ def check_bind(host: str, allow_remote: bool) -> list[str]:
 def _url(host: str, port: int, name: str, tls: bool = False) -> str:
     """The URI qemu and libnbd take; ``port`` 0 means ``host`` is a Unix socket's path."""
     scheme = "nbds" if tls else "nbd"
+    path = urllib.parse.quote(name, safe="@")
     if not port:
-        return f"{scheme}+unix:///{urllib.parse.quote(name)}?socket={urllib.parse.quote(host)}"
+        return f"{scheme}+unix:///{path}?socket={urllib.parse.quote(host)}"
     if ":" in host:
         host = f"[{host}]"
-    return f"{scheme}://{host}:{port}/{name}"
+    return f"{scheme}://{host}:{port}/{path}"
 
 
 def _tls_context(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext | None:
