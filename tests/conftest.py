@@ -6,10 +6,34 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
 VDISK = [sys.executable, "-m", "vdisk"]
+
+
+class Stoppable(Protocol):
+    def stop(self) -> Any: ...
+
+
+S = TypeVar("S", bound=Stoppable)
+
+
+@pytest.fixture
+def started() -> Iterator[Callable[[S], S]]:
+    """``started(server)`` hands back a server process a test started, and stops it at the
+    end of the test, even when the test fails (``stop`` must be safe to call twice)."""
+    servers: list[Stoppable] = []
+
+    def keep(server: S) -> S:
+        servers.append(server)
+        return server
+
+    yield keep
+    for s in servers:
+        s.stop()
 
 
 def run(

@@ -13,11 +13,12 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+import vdisk
 from tests.conftest import need, pattern, run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,35 +42,24 @@ def _env() -> dict[str, str]:
     return env
 
 
-class Served:
-    """A `vdisk serve` subprocess on a free port; stopped (and killed if need be) at exit."""
+class ServerProcess:
+    """A `vdisk serve` subprocess. ``stop`` ends it (SIGTERM, a kill after 20 s; safe to
+    call twice) and keeps what it wrote on stderr in ``err``."""
 
-    def __init__(self, tmp: Path, images: list[Path], *args: str) -> None:
-        self.pidfile = tmp / f"serve-{time.monotonic_ns()}.pid"
-        self.logfile = tmp / f"serve-{time.monotonic_ns()}.log"
-        cmd = [sys.executable, "-m", "vdisk", "serve", *map(str, images), "--port", "0"]
-        cmd += ["--pid-file", str(self.pidfile), "--log", str(self.logfile), "-v", *args]
+    def __init__(self, *args: str) -> None:
+        self.err = ""
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
+            [sys.executable, "-m", "vdisk", "serve", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
         )
-        deadline = time.monotonic() + 30
-        while not self.pidfile.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                if self.proc.poll() is None:
-                    self.proc.kill()
-                _, err = self.proc.communicate()
-                raise AssertionError(f"vdisk serve did not start: {err}")
-            time.sleep(0.02)
+
+    def first_line(self) -> str:
+        """What the server printed first on stdout: its URIs, once it listens."""
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line.startswith("serving ") and "nbd://127.0.0.1:" in line, line
-        self.port = int(line.split("nbd://127.0.0.1:")[1].split("/")[0])
-
-    def url(self, name: str = "") -> str:
-        return f"nbd://127.0.0.1:{self.port}/{name}"
-
-    def log(self) -> str:
-        return self.logfile.read_text() if self.logfile.exists() else ""
+        return self.proc.stdout.readline()
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -79,25 +69,51 @@ class Served:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc.stderr and not self.proc.stderr.closed:
+            self.err = self.proc.stderr.read()
         for f in (self.proc.stdout, self.proc.stderr):
             if f:
                 f.close()
         return self.proc.returncode
 
 
+class Served(ServerProcess):
+    """`vdisk serve` on a free TCP port, logging to a file."""
+
+    def __init__(self, tmp: Path, images: list[Path], *args: str) -> None:
+        self.pidfile = tmp / f"serve-{time.monotonic_ns()}.pid"
+        self.logfile = tmp / f"serve-{time.monotonic_ns()}.log"
+        super().__init__(
+            *map(str, images), "--port", "0", "--pid-file", str(self.pidfile),
+            "--log", str(self.logfile), "-v", *args,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not self.pidfile.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                if self.proc.poll() is None:
+                    self.proc.kill()
+                _, err = self.proc.communicate()
+                raise AssertionError(f"vdisk serve did not start: {err}")
+            time.sleep(0.02)
+        line = self.first_line()
+        assert line.startswith("serving ") and "nbd://127.0.0.1:" in line, line
+        self.port = int(line.split("nbd://127.0.0.1:")[1].split("/")[0])
+
+    def url(self, name: str = "") -> str:
+        return f"nbd://127.0.0.1:{self.port}/{name}"
+
+    def log(self) -> str:
+        return self.logfile.read_text() if self.logfile.exists() else ""
+
+
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator:
+def serve(tmp_path: Path, started: Callable[[Served], Served]) -> Callable[..., Served]:
     need("qemu-img")
-    servers: list[Served] = []
 
     def start(*images: Path, args: tuple[str, ...] = ("-f", "raw")) -> Served:
-        s = Served(tmp_path, list(images), *args)
-        servers.append(s)
-        return s
+        return started(Served(tmp_path, list(images), *args))
 
-    yield start
-    for s in servers:
-        s.stop()
+    return start
 
 
 def make_raw(path: Path, size: int = SIZE, extents: tuple[tuple[int, int], ...] = ()) -> Path:
@@ -107,6 +123,14 @@ def make_raw(path: Path, size: int = SIZE, extents: tuple[tuple[int, int], ...] 
         for off, n in extents:
             f.seek(off)
             f.write(pattern(off, n))
+    return path
+
+
+def patterned(path: Path, size: int = SIZE, fmt: str = "vdisk") -> Path:
+    """An image of ``size`` bytes of pattern() data."""
+    vdisk.create(str(path), size, format=fmt)
+    with vdisk.open(str(path)) as d:
+        d.write(0, pattern(0, size))
     return path
 
 

@@ -10,21 +10,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import vdisk
 from tests.conftest import pattern, vdisk_cli
-from tests.test_nbd import EINVAL, READ, RawClient, serve  # noqa: F401 (the fixture)
+from tests.test_nbd import EINVAL, READ, RawClient, patterned, serve  # noqa: F401 (the fixture)
 
 CACHE = 5
 MiB = 1 << 20
 SIZE = 8 * MiB
 FLAG_SEND_CACHE = 1 << 10
-
-
-def _image(path: Path) -> Path:
-    vdisk.create(str(path), SIZE, format="vdisk")
-    with vdisk.open(str(path)) as d:
-        d.write(0, pattern(0, SIZE))
-    return path
 
 
 def _flags(c: RawClient) -> int:
@@ -51,7 +43,7 @@ def _live_cache(img: Path, ok: Any) -> dict[str, Any]:
 
 
 def test_cache_command_fills_the_cluster_cache(serve, tmp_path: Path) -> None:  # noqa: F811
-    img = _image(tmp_path / "c.vdisk")
+    img = patterned(tmp_path / "c.vdisk", SIZE)
     s = serve(img, args=("--cache-mb", "16"))
     with RawClient(s.port) as c:
         assert _flags(c) & FLAG_SEND_CACHE

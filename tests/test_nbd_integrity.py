@@ -13,6 +13,7 @@ import pytest
 
 import vdisk
 from tests.conftest import need, pattern, run
+from tests.test_nbd import patterned
 from tests.test_nbd_unix import UnixServed
 
 MiB = 1 << 20
@@ -22,10 +23,7 @@ CS = 65536
 def _damaged(tmp: Path) -> tuple[Path, int]:
     """An 8 MiB .vdisk of pattern() data whose cluster 5 has one stored byte flipped near
     the end of its stored bytes (past what a read of its first 4 KiB decodes)."""
-    p = tmp / "d.vdisk"
-    vdisk.create(str(p), 8 * MiB, format="vdisk")
-    with vdisk.open(str(p)) as d:
-        d.write(0, pattern(0, 8 * MiB))
+    p = patterned(tmp / "d.vdisk", 8 * MiB)
     with vdisk.open(str(p), readonly=True) as d:
         e = d._driver._entry(5)  # type: ignore[attr-defined]
         assert e is not None and e.host and e.length > 100
@@ -39,22 +37,20 @@ def _damaged(tmp: Path) -> tuple[Path, int]:
 
 
 @pytest.mark.parametrize("cache", ["64", "0"])
-def test_a_damaged_cluster_is_an_io_error_over_nbd(tmp_path, cache):
+def test_a_damaged_cluster_is_an_io_error_over_nbd(tmp_path, started, cache):
     need("qemu-io")
     img, bad = _damaged(tmp_path)
-    s = UnixServed(img, tmp_path / "s.sock", "--cache-mb", cache, "-vv")
-    try:
-        for off, n in ((bad, 4096), (bad + 8192, 512), (bad - 4096, 8192), (bad, CS)):
-            p = run(["qemu-io", "-f", "raw", "-c", f"read {off} {n}", s.url], check=False)
-            assert "Input/output error" in p.stdout + p.stderr, (off, n, p.stdout, p.stderr)
-        # the neighbours and the rest of the disk still read, with the right bytes
-        for off in (bad - CS, bad + CS, 0, 8 * MiB - CS):
-            want = pattern(off, CS)[:8]
-            p = run(["qemu-io", "-f", "raw", "-c", f"read -v {off} 8", s.url])
-            got = bytes(int(x, 16) for x in p.stdout.split(":", 1)[1].split()[:8])
-            assert got == want, (off, p.stdout)
-    finally:
-        code = s.stop()
+    s = started(UnixServed(img, tmp_path / "s.sock", "--cache-mb", cache, "-vv"))
+    for off, n in ((bad, 4096), (bad + 8192, 512), (bad - 4096, 8192), (bad, CS)):
+        p = run(["qemu-io", "-f", "raw", "-c", f"read {off} {n}", s.url], check=False)
+        assert "Input/output error" in p.stdout + p.stderr, (off, n, p.stdout, p.stderr)
+    # the neighbours and the rest of the disk still read, with the right bytes
+    for off in (bad - CS, bad + CS, 0, 8 * MiB - CS):
+        want = pattern(off, CS)[:8]
+        p = run(["qemu-io", "-f", "raw", "-c", f"read -v {off} 8", s.url])
+        got = bytes(int(x, 16) for x in p.stdout.split(":", 1)[1].split()[:8])
+        assert got == want, (off, p.stdout)
+    code = s.stop()
     assert code == 0, s.err
     assert "checksum mismatch" in s.err and f"guest offset {bad}" in s.err, s.err
     assert "Traceback" not in s.err and "internal error" not in s.err, s.err

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import vdisk
 from tests.conftest import need, pattern, run
-from tests.test_nbd import serve  # noqa: F401 (the fixture)
+from tests.test_nbd import patterned, serve  # noqa: F401 (the fixture)
 
 MiB = 1 << 20
 SIZE = 8 * MiB
@@ -19,10 +19,7 @@ def test_snapshots_are_read_only_exports(serve, tmp_path: Path) -> None:  # noqa
     need("nbdinfo")
     images = []
     for fmt in ("vdisk", "qcow2"):
-        img = tmp_path / f"d.{fmt}"
-        vdisk.create(str(img), SIZE, format=fmt)
-        with vdisk.open(str(img)) as d:
-            d.write(0, pattern(0, SIZE))
+        img = patterned(tmp_path / f"d.{fmt}", SIZE, fmt)
         if fmt == "vdisk":
             with vdisk.open(str(img)) as d:
                 d.snapshots.create("before")

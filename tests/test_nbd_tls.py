@@ -8,20 +8,17 @@ gets past the handshake."""
 from __future__ import annotations
 
 import shutil
-import signal
 import socket
 import ssl
 import struct
-import subprocess
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import vdisk
 from tests.conftest import need, pattern, run, vdisk_cli
-from tests.test_nbd import RawClient, _env
+from tests.test_nbd import RawClient, ServerProcess, patterned
 
 MiB = 1 << 20
 SIZE = 8 * MiB
@@ -53,20 +50,14 @@ def certs(tmp_path_factory) -> Path:
     return d
 
 
-class TlsServed:
+class TlsServed(ServerProcess):
+    """`vdisk serve` on a free TCP port with TLS options."""
+
     def __init__(self, image: Path, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vdisk", "serve", str(image), "--port", "0", "-v", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=_env(),
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
+        super().__init__(str(image), "--port", "0", "-v", *args)
+        line = self.first_line()
         assert "nbds://127.0.0.1:" in line, (line, self.proc.stderr and self.proc.stderr.read())
         self.port = int(line.split("nbds://127.0.0.1:")[1].split("/")[0])
-        self.err = ""
 
     def qemu(self, creds: Path) -> list[str]:
         """qemu's arguments for this server's default export over TLS."""
@@ -80,47 +71,16 @@ class TlsServed:
     def url(self, creds: Path) -> str:
         return f"nbds://127.0.0.1:{self.port}/?tls-certificates={creds}"
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stderr and not self.proc.stderr.closed:
-            self.err = self.proc.stderr.read()
-        for f in (self.proc.stdout, self.proc.stderr):
-            if f:
-                f.close()
-        return self.proc.returncode
-
 
 @pytest.fixture
-def serve_tls() -> Iterator:
+def serve_tls(started: Callable[[TlsServed], TlsServed]) -> Callable[..., TlsServed]:
     need("qemu-img")
-    servers: list[TlsServed] = []
-
-    def start(image: Path, *args: str) -> TlsServed:
-        s = TlsServed(image, *args)
-        servers.append(s)
-        return s
-
-    yield start
-    for s in servers:
-        s.stop()
-
-
-def _image(path: Path) -> Path:
-    vdisk.create(str(path), SIZE, format="vdisk")
-    with vdisk.open(str(path)) as d:
-        d.write(0, pattern(0, SIZE))
-    return path
+    return lambda image, *args: started(TlsServed(image, *args))
 
 
 def test_clients_over_tls_and_plain_ones_refused(tmp_path, certs, serve_tls):
     need("qemu-io")
-    img = _image(tmp_path / "a.vdisk")
+    img = patterned(tmp_path / "a.vdisk")
     s = serve_tls(img, "--tls-cert", f"{certs}/server-cert.pem", "--tls-key",
                   f"{certs}/server-key.pem")  # fmt: skip
     ref = tmp_path / "ref.raw"
@@ -146,7 +106,7 @@ def test_clients_over_tls_and_plain_ones_refused(tmp_path, certs, serve_tls):
 
 
 def test_client_certificates_required_with_a_ca(tmp_path, certs, serve_tls):
-    img = _image(tmp_path / "a.vdisk")
+    img = patterned(tmp_path / "a.vdisk")
     s = serve_tls(img, "--tls-cert", f"{certs}/server-cert.pem", "--tls-key",
                   f"{certs}/server-key.pem", "--tls-ca", f"{certs}/ca-cert.pem")  # fmt: skip
     run(["qemu-img", "info", *s.qemu(certs)[:2], "--image-opts", s.qemu(certs)[3]])
@@ -163,7 +123,7 @@ def test_client_certificates_required_with_a_ca(tmp_path, certs, serve_tls):
 
 
 def test_tls_option_errors_are_one_line(tmp_path, certs):
-    img = _image(tmp_path / "a.vdisk")
+    img = patterned(tmp_path / "a.vdisk")
     p = vdisk_cli("serve", str(img), "--tls-key", f"{certs}/server-key.pem", check=False)
     assert p.returncode == 2 and "need --tls-cert" in p.stderr, p
     p = vdisk_cli("serve", str(img), "--tls-cert", f"{certs}/server-cert.pem",
@@ -184,7 +144,7 @@ def test_forced_tls_at_the_protocol_level(tmp_path, certs, serve_tls):
     """What proto.md asks of a server that requires TLS, seen from a raw socket."""
     opt_list, opt_export_name, opt_starttls, opt_go = 3, 1, 5, 7
     rep_ack, rep_err_invalid, rep_err_tls_reqd = 1, 2**31 + 3, 2**31 + 5
-    img = _image(tmp_path / "a.vdisk")
+    img = patterned(tmp_path / "a.vdisk")
     s = serve_tls(img, "--tls-cert", f"{certs}/server-cert.pem", "--tls-key",
                   f"{certs}/server-key.pem")  # fmt: skip
     with RawClient(s.port) as c:

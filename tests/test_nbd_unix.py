@@ -5,83 +5,41 @@ port: nothing else on the machine can connect unless the file's permissions allo
 
 from __future__ import annotations
 
-import signal
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import vdisk
 from tests.conftest import need, pattern, run, vdisk_cli
-from tests.test_nbd import _env
+from tests.test_nbd import ServerProcess, patterned
 
 MiB = 1 << 20
 
 
-def _image(path: Path) -> Path:
-    vdisk.create(str(path), 8 * MiB, format="vdisk")
-    with vdisk.open(str(path)) as d:
-        d.write(0, pattern(0, 8 * MiB))
-    return path
-
-
-class UnixServed:
-    """A `vdisk serve --socket` subprocess; stopped (killed if need be) by the fixture."""
+class UnixServed(ServerProcess):
+    """`vdisk serve --socket`: the URI of its default export is ``url``."""
 
     def __init__(self, image: Path, sock: Path, *args: str) -> None:
+        super().__init__(str(image), "--socket", str(sock), *args)
         self.sock = sock
-        self.err = ""
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vdisk", "serve", str(image), "--socket", str(sock), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=_env(),
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()  # printed once it listens
+        line = self.first_line()  # printed once it listens
         assert line.startswith("serving "), (line, self.proc.stderr and self.proc.stderr.read())
         self.url = f"nbd+unix:///?socket={sock}"
         assert self.url in line, line
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stderr and not self.proc.stderr.closed:
-            self.err = self.proc.stderr.read()
-        for f in (self.proc.stdout, self.proc.stderr):
-            if f:
-                f.close()
-        return self.proc.returncode
-
 
 @pytest.fixture
-def serve_unix() -> Iterator:
+def serve_unix(started: Callable[[UnixServed], UnixServed]) -> Callable[[Path, Path], UnixServed]:
     need("qemu-img")
-    servers: list[UnixServed] = []
-
-    def start(image: Path, sock: Path) -> UnixServed:
-        s = UnixServed(image, sock)
-        servers.append(s)
-        return s
-
-    yield start
-    for s in servers:
-        s.stop()
+    return lambda image, sock: started(UnixServed(image, sock))
 
 
 def test_clients_read_and_write_through_a_unix_socket(tmp_path, serve_unix):
     need("qemu-io")
-    img = _image(tmp_path / "a.vdisk")
+    img = patterned(tmp_path / "a.vdisk")
     sock = tmp_path / "nbd.sock"
     s = serve_unix(img, sock)
     assert sock.is_socket()
@@ -98,8 +56,8 @@ def test_clients_read_and_write_through_a_unix_socket(tmp_path, serve_unix):
 
 
 def test_a_stale_socket_file_is_replaced_a_live_one_refused(tmp_path, serve_unix):
-    a = _image(tmp_path / "a.vdisk")
-    b = _image(tmp_path / "b.vdisk")
+    a = patterned(tmp_path / "a.vdisk")
+    b = patterned(tmp_path / "b.vdisk")
     sock = tmp_path / "nbd.sock"
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(sock))  # a file left by a server that was killed: nobody listens
@@ -113,7 +71,7 @@ def test_a_stale_socket_file_is_replaced_a_live_one_refused(tmp_path, serve_unix
 
 
 def test_socket_refusals_are_one_line(tmp_path):
-    img = _image(tmp_path / "a.vdisk")
+    img = patterned(tmp_path / "a.vdisk")
     other = tmp_path / "notes.txt"
     other.write_text("keep me\n")
     p = vdisk_cli("serve", str(img), "--socket", str(other), check=False, timeout=30)
