@@ -145,6 +145,10 @@ class _Reader:
         self.waits = 0  # how often a read had to wait: each wait was a checkpoint
         self.poll_ns = 0  # how long a read that finds nothing retries before sleeping
 
+    def _recv(self, view: memoryview) -> int:
+        """One read into ``view``: from the descriptor, or through TLS after STARTTLS."""
+        return os.readv(self.fd, (view,)) if self.tls is None else _tls_recv(self.tls, view)
+
     def _make_room(self, n: int) -> None:
         """Move the unread bytes to the front (growing the buffer for ``n``)."""
         unread = bytes(self.view[self.pos : self.end])  # a copy: source and target overlap
@@ -163,8 +167,7 @@ class _Reader:
             elif len(self.buf) - self.pos < n or self.end == len(self.buf):
                 self._make_room(n)
             try:
-                view = self.view[self.end :]
-                k = os.readv(self.fd, (view,)) if self.tls is None else _tls_recv(self.tls, view)
+                k = self._recv(self.view[self.end :])
             except BlockingIOError:
                 k = self._poll() if self.poll_ns else -1
                 if k < 0:
@@ -185,7 +188,7 @@ class _Reader:
         view = self.view[self.end :]
         while time.perf_counter_ns() < deadline:
             try:
-                return os.readv(self.fd, (view,)) if self.tls is None else _tls_recv(self.tls, view)
+                return self._recv(view)
             except BlockingIOError:
                 pass
         return -1
@@ -221,8 +224,7 @@ class _Reader:
         got = have
         while got < n:
             try:
-                part = view[got:]
-                k = os.readv(self.fd, (part,)) if self.tls is None else _tls_recv(self.tls, part)
+                k = self._recv(view[got:])
             except BlockingIOError:
                 self.waits += 1
                 await trio.lowlevel.wait_readable(self.fd)
