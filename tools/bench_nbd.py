@@ -194,7 +194,7 @@ def warm(path: str) -> None:
 
 
 def measure(
-    url_of: Callable[[], Any], workloads: list[tuple], runtime: float, size: int
+    url_of: Callable[[], Any], workloads: list[tuple], runtime: float, size: int, copy: bool
 ) -> dict[str, dict[str, float]]:
     res: dict[str, dict[str, float]] = {}
     with url_of() as url:
@@ -203,7 +203,7 @@ def measure(
                 res[name] = fio(url, rw, bs, qd, runtime, *fsync)
             except Exception as e:
                 print(f"  {url} {name}: {str(e)[:300]}")
-        if shutil.which("nbdcopy") and not any(w[5:] for w in workloads):
+        if copy and shutil.which("nbdcopy"):
             try:
                 res["nbdcopy -> null:"] = nbdcopy_null(url, size)
             except Exception as e:
@@ -217,14 +217,16 @@ def rounds(
     runtime: float,
     size: int,
     n: int,
+    nbdcopy: bool = True,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Measure every server (image, start) ``n`` times, interleaved (the load of a shared
-    machine drifts), each from a warm page cache, and keep the median of each figure."""
+    machine drifts), each from a warm page cache, and keep the median of each figure;
+    ``nbdcopy``: also a whole-disk nbdcopy to null after the fio workloads."""
     samples: dict[str, dict[str, list[dict[str, float]]]] = {lb: {} for lb in configs}
     for _ in range(n):
         for lb, (image, start) in configs.items():
             warm(image)
-            for name, v in measure(start, workloads, runtime, size).items():
+            for name, v in measure(start, workloads, runtime, size, nbdcopy).items():
                 samples[lb].setdefault(name, []).append(v)
     return {
         lb: {
@@ -320,7 +322,7 @@ def flushed_writes(
             "qemu-nbd": (qplain, lambda: fresh(qplain, "qcow2", qemu_nbd)),
             "vdisk lz4": (vimg, lambda: fresh(vimg, "vdisk", vdisk_serve)),
         },
-        FLUSHED_WRITES, a.runtime, size, a.rounds,
+        FLUSHED_WRITES, a.runtime, size, a.rounds, nbdcopy=False,
     )  # fmt: skip
     qres = got.pop("qemu-nbd")
     return compare(
